@@ -41,6 +41,13 @@ class InvalidInput(ServiceError):
     code = "invalid_input"
 
 
+class MethodNotAllowed(ServiceError):
+    """The endpoint was called with the wrong HTTP method (405)."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
 class PayloadTooLarge(ServiceError):
     """The body, a row count, an image or a prompt is over a configured limit (413)."""
 

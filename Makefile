@@ -1,0 +1,37 @@
+# One-command entry points. `make serve` and `make test` are what the README promises.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 5001
+THREADS ?= 16
+# The CPU build of torch that this project installs by default; set TORCH_SPEC= to keep yours.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install serve demo test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[serve,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Serve score.py on http://127.0.0.1:$(PORT)/score with several request threads in one worker,
+# so that the micro-batcher can gather rows from concurrent requests.
+serve: install
+	GUNICORN_CMD_ARGS="--threads $(THREADS)" $(VENV)/bin/azmlinfsrv --entry_script score.py --port $(PORT)
+
+# The same, with the toy demo model shipped in blip2/demo_model (offline, CPU friendly).
+demo: install
+	BLIP2_MODEL=demo GUNICORN_CMD_ARGS="--threads $(THREADS)" $(VENV)/bin/azmlinfsrv --entry_script score.py --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,171 @@
+"""Batched BLIP-2 generation: image embeddings (cached per image) + OPT generate.
+
+Knows nothing of HTTP. ``Engine.generate`` takes rows that already carry their
+preprocessed pixels (or a cache key that hits) and returns one answer per row,
+computed in batches of at most ``max_batch_size`` with left padding, the prompt
+sliced off and surrounding whitespace stripped. It reproduces what
+``Blip2ForConditionalGeneration.generate`` does for one row, for whole batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .cache import EmbedCache
+from .errors import NotReady, ServiceError
+from .params import GenerationParams
+
+log = logging.getLogger("blip2.engine")
+
+
+@dataclass
+class GenItem:
+    """One row ready for the model: its image as pixels (3 x H x W) or as a cached embedding."""
+
+    key: str  # content hash of the image bytes
+    pixels: torch.Tensor | None
+    prompt: str
+    embed: torch.Tensor | None = None  # num_query_tokens x hidden, from the cache
+
+
+class RowTooLarge(ServiceError):
+    status = 503
+    code = "out_of_memory"
+
+
+class Engine:
+    def __init__(self, model, processor, *, device, dtype, max_batch_size: int = 16, cache: EmbedCache | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.cache = cache
+        config = model.config
+        self.image_token_id = config.image_token_index
+        self.num_query_tokens = config.num_query_tokens
+        self.pad_id = self.tokenizer.pad_token_id
+        self._lock = threading.Lock()  # one batch on the device at a time
+
+    # -- text -----------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt as the model sees it (``</s>`` first), without image tokens."""
+        return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+
+    # -- images ---------------------------------------------------------------------------
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL images -> normalised pixel tensor (B x 3 x H x W, float32, CPU) via the model's processor."""
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B x 3 x H x W) -> the language model's image inputs (B x num_query_tokens x hidden)."""
+        model = self.model
+        pixels = pixels.to(self.device, self.dtype)
+        image_embeds = model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = model.qformer(
+            query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask, return_dict=True
+        ).last_hidden_state
+        if query_output.dtype != image_embeds.dtype:  # the Q-Former stays fp32 in transformers
+            query_output = query_output.to(image_embeds.dtype)
+        return model.language_projection(query_output)
+
+    def _image_inputs(self, items: list[GenItem]) -> torch.Tensor:
+        """One embedding per row; each distinct image runs the vision tower once, cached across calls."""
+        found: dict[str, torch.Tensor] = {}
+        todo: dict[str, torch.Tensor] = {}
+        for item in items:
+            if item.key in found or item.key in todo:
+                continue
+            cached = item.embed
+            if cached is None and self.cache is not None:
+                cached = self.cache.get(item.key)
+            if cached is not None:
+                found[item.key] = cached
+            elif item.pixels is None:
+                raise ValueError(f"row for image {item.key[:12]} has neither pixels nor an embedding")
+            else:
+                todo[item.key] = item.pixels
+        if todo:
+            keys = list(todo)
+            embeds = self.embed_images(torch.stack([todo[k] for k in keys]))
+            for key, embed in zip(keys, embeds):
+                found[key] = embed
+                if self.cache is not None:
+                    self.cache.put(key, embed)
+        return torch.stack([found[item.key] for item in items])
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, items: list[GenItem], params: GenerationParams) -> list[str]:
+        """Answers for ``items`` in order, in chunks of ``max_batch_size``; CUDA OOM splits a chunk."""
+        answers: list[str] = []
+        for start in range(0, len(items), self.max_batch_size):
+            answers.extend(self._generate_splitting(items[start : start + self.max_batch_size], params))
+        return answers
+
+    def _generate_splitting(self, items: list[GenItem], params: GenerationParams) -> list[str]:
+        try:
+            with self._lock:
+                return self._generate_batch(items, params)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                raise RowTooLarge(
+                    "This row does not fit in GPU memory even on its own; lower max_new_tokens or num_beams and retry.",
+                ) from None
+            half = len(items) // 2
+            log.warning("Out of memory on a batch of %d rows; retrying as %d + %d", len(items), half, len(items) - half)
+            return self._generate_splitting(items[:half], params) + self._generate_splitting(items[half:], params)
+
+    def _generate_batch(self, items: list[GenItem], params: GenerationParams) -> list[str]:
+        image_inputs = self._image_inputs(items)
+        input_ids, attention_mask = self._pack([item.prompt for item in items])
+        embedding = self.model.get_input_embeddings()
+        inputs_embeds = embedding(input_ids)
+        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_inputs.to(inputs_embeds.dtype))
+        output = self.model.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            input_ids=input_ids,
+            pad_token_id=self.pad_id,
+            **params.generate_kwargs(),
+        )
+        new_tokens = output[:, input_ids.shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def _pack(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids ``[pad..., <image> x Q, </s>, prompt...]`` and their attention mask."""
+        image_part = [self.image_token_id] * self.num_query_tokens
+        rows = [image_part + ids for ids in self.tokenize(prompts)]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def warm_up(self, batch_size: int | None = None) -> None:
+        """Run one full-size dummy batch so memory and one-off costs show at start-up."""
+        size = self.processor.image_processor.size
+        pixels = torch.zeros(3, size["height"], size["width"])
+        n = batch_size or self.max_batch_size
+        items = [GenItem(key=f"warmup-{i}", pixels=pixels, prompt="Question: what is this? Answer:") for i in range(n)]
+        cache, self.cache = self.cache, None  # keep the dummy images out of the cache
+        try:
+            self.generate(items, GenerationParams(max_new_tokens=2))
+        finally:
+            self.cache = cache
+
+
+def not_ready() -> NotReady:
+    return NotReady("The model is still loading; retry in a few seconds.", code="not_ready")

@@ -1,0 +1,51 @@
+"""HTTP glue for ``score.run``: a Flask-like request in, ``(status, JSON body)`` out.
+
+This is the one place where service errors become HTTP statuses. It never lets
+an exception escape (the server would answer a bare 500 and log nothing useful)
+and never puts internals in a response.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import MethodNotAllowed, NotReady, PayloadTooLarge, ServiceError, internal_error_body
+
+log = logging.getLogger("blip2.handler")
+
+
+def handle(service, request) -> tuple[int, object]:
+    """Answer one ``/score`` request. ``service`` may be None while the model loads (503)."""
+    request_id = _request_id(request)
+    try:
+        if request.method != "POST":
+            raise MethodNotAllowed(f"/score takes POST with a JSON body, not {request.method}.")
+        if service is None:
+            raise NotReady("The model is not loaded yet; retry in a few seconds.", code="not_ready")
+        limit = service.settings.max_body_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(
+                f"The request body is {declared} bytes, over the limit of {limit}. "
+                "Send fewer or smaller images per request.",
+                code="body_too_large",
+            )
+        raw = request.get_data(cache=False)
+        return 200, service.score_body(raw)
+    except ServiceError as err:
+        if err.status >= 500:
+            log.warning("Request %s failed with %s: %s", request_id, err.code, err.message)
+        else:
+            log.info("Request %s refused with %s (row %s)", request_id, err.code, err.row)
+        return err.status, err.body()
+    except Exception:  # noqa: BLE001 - the generic 500: details only in the log
+        rid, body = internal_error_body(request_id)
+        log.exception("Request %s failed unexpectedly", rid)
+        return 500, body
+
+
+def _request_id(request) -> str | None:
+    headers = getattr(request, "headers", None)
+    if headers is None:
+        return None
+    return headers.get("x-ms-request-id") or headers.get("x-request-id")

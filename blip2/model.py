@@ -1,0 +1,150 @@
+"""Find the BLIP-2 weights, load model and processor, pick device and dtype.
+
+Sources, first match wins:
+1. ``BLIP2_MODEL``: ``demo`` (the toy model shipped in this package), a local folder, or a hub id;
+2. ``AZUREML_MODEL_DIR``: the registered model's folder; the files may sit folders below it,
+   so the folder whose ``config.json`` says ``"model_type": "blip-2"`` is used;
+3. ``Salesforce/blip2-opt-2.7b`` from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DEFAULT_MODEL, Settings
+
+log = logging.getLogger("blip2.model")
+
+DEMO_DIR = Path(__file__).parent / "demo_model"
+_MAX_SEARCH_DEPTH = 4
+
+
+class ModelNotFound(RuntimeError):
+    """No weights could be found or fetched; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    location: str  # local folder or hub id
+    origin: str  # which setting chose it, for the log
+    is_demo: bool = False
+
+
+@dataclass
+class LoadedModel:
+    model: object  # Blip2ForConditionalGeneration
+    processor: object  # Blip2Processor, tokenizer padding on the left
+    device: object  # torch.device
+    dtype: object  # torch.dtype of the vision tower and language model
+    source: ModelSource
+
+
+def find_blip2_folder(root: str | Path, max_depth: int = _MAX_SEARCH_DEPTH) -> Path | None:
+    """The shallowest folder at or below ``root`` whose config.json has model_type blip-2."""
+    root = Path(root)
+    level = [root]
+    for _ in range(max_depth + 1):
+        for folder in sorted(level):
+            if _is_blip2_folder(folder):
+                return folder
+        level = [child for folder in level if folder.is_dir() for child in sorted(folder.iterdir()) if child.is_dir()]
+        if not level:
+            break
+    return None
+
+
+def _is_blip2_folder(folder: Path) -> bool:
+    config = folder / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "blip-2"
+    except (OSError, ValueError):
+        return False
+
+
+def locate(settings: Settings) -> ModelSource:
+    """Decide where the weights come from; raises ModelNotFound for a named source that is unusable."""
+    if settings.model:
+        if settings.model == "demo":
+            return ModelSource(str(DEMO_DIR), "BLIP2_MODEL=demo (toy model for offline use and tests, not BLIP-2)", True)
+        path = Path(settings.model).expanduser()
+        if path.exists():
+            folder = find_blip2_folder(path)
+            if folder is None:
+                raise ModelNotFound(
+                    f"BLIP2_MODEL points at {path}, but no config.json with model_type 'blip-2' is in it or below it; "
+                    "point BLIP2_MODEL at the folder that holds the model's config.json and weights."
+                )
+            return ModelSource(str(folder), "BLIP2_MODEL (local folder)")
+        return ModelSource(settings.model, "BLIP2_MODEL (hub id)")
+    if settings.azureml_model_dir:
+        folder = find_blip2_folder(settings.azureml_model_dir)
+        if folder is None:
+            raise ModelNotFound(
+                f"AZUREML_MODEL_DIR is {settings.azureml_model_dir}, but no config.json with model_type 'blip-2' is "
+                "in it or up to 4 folders below; register the folder that holds the BLIP-2 files, or set BLIP2_MODEL."
+            )
+        return ModelSource(str(folder), "AZUREML_MODEL_DIR")
+    return ModelSource(DEFAULT_MODEL, "default hub id")
+
+
+def pick_device_and_dtype(settings: Settings):
+    """(torch.device, torch.dtype): CUDA when present, fp16 there and fp32 on CPU unless BLIP2_DTYPE says otherwise."""
+    import torch
+
+    if settings.device:
+        device = torch.device(settings.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("BLIP2_DEVICE asks for CUDA but no CUDA device is visible; unset BLIP2_DEVICE or set it to cpu.")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = settings.dtype or ("float16" if device.type == "cuda" else "float32")
+    return device, getattr(torch, name)
+
+
+def load(settings: Settings) -> LoadedModel:
+    """Load model and processor from the located source; logs source, dtype, device, size and time."""
+    import torch
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    source = locate(settings)
+    device, dtype = pick_device_and_dtype(settings)
+    started = time.perf_counter()
+    if source.is_demo:
+        log.warning("Serving the DEMO model: a tiny toy trained on coloured shapes, for offline use and tests. It is not BLIP-2.")
+    try:
+        processor = AutoProcessor.from_pretrained(source.location)
+        model = Blip2ForConditionalGeneration.from_pretrained(source.location, dtype=dtype)
+    except OSError as exc:
+        raise ModelNotFound(_not_found_message(settings, source)) from exc
+    processor.tokenizer.padding_side = "left"
+    model.to(device).eval()
+    torch.set_grad_enabled(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "Loaded BLIP-2 from %s (%s): dtype %s, device %s, %.1fM parameters, %.1f s",
+        source.location, source.origin, str(dtype).replace("torch.", ""), device, n_params / 1e6,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(model=model, processor=processor, device=device, dtype=dtype, source=source)
+
+
+def _not_found_message(settings: Settings, source: ModelSource) -> str:
+    tried = []
+    if settings.model:
+        tried.append(f"BLIP2_MODEL={settings.model}")
+    elif settings.azureml_model_dir:
+        tried.append(f"AZUREML_MODEL_DIR={settings.azureml_model_dir}")
+    else:
+        tried.append("BLIP2_MODEL (unset), AZUREML_MODEL_DIR (unset)")
+    tried.append(f"{source.location} ({source.origin})")
+    offline = " (offline?)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return (
+        f"Could not load BLIP-2 weights{offline}: tried {', then '.join(tried)}; download the model once "
+        "(e.g. `huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir ./blip2-opt-2.7b`) and set "
+        "BLIP2_MODEL to that folder, or set BLIP2_MODEL=demo for the offline toy model."
+    )

@@ -1,0 +1,61 @@
+"""Fast image preprocessing: PIL image -> normalised pixel tensor, like the model's processor.
+
+The BLIP image processor resizes to the model's square input with bicubic
+resampling, rescales to [0, 1] and normalises with the CLIP mean and std. This
+does the same with one Pillow resize (using ``reducing_gap`` so that huge photos
+are first shrunk cheaply by box-averaging to no less than twice the target, in
+the same spirit as JPEG draft decoding) and a few tensor ops, without the
+processor's per-call overhead. Parity with the processor is tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+_DRAFT_FACTOR = 2  # decode/reduce to no less than 2x the model's input size
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    width: int
+    height: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: int = Image.Resampling.BICUBIC
+    rescale: float = 1 / 255
+
+    @classmethod
+    def from_processor(cls, processor) -> "Preprocessor":
+        """Read size, resampling and normalisation from a Blip2Processor (or its image processor)."""
+        ip = getattr(processor, "image_processor", processor)
+        size = ip.size
+        resample = getattr(ip, "resample", Image.Resampling.BICUBIC)
+        return cls(
+            width=int(size["width"]),
+            height=int(size["height"]),
+            mean=tuple(float(x) for x in ip.image_mean),
+            std=tuple(float(x) for x in ip.image_std),
+            resample=int(resample),
+            rescale=float(getattr(ip, "rescale_factor", 1 / 255)),
+        )
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """The smallest size a JPEG may be draft-decoded to without hurting the final resize."""
+        return (self.width * _DRAFT_FACTOR, self.height * _DRAFT_FACTOR)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> float32 tensor 3 x height x width, normalised."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if image.size != (self.width, self.height):
+            image = image.resize((self.width, self.height), self.resample, reducing_gap=float(_DRAFT_FACTOR))
+        array = np.asarray(image, dtype=np.float32)
+        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (tensor * self.rescale - mean) / std

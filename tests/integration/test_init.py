@@ -1,0 +1,57 @@
+"""score.init() loads the model from the places Azure and users put it, and fails clearly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import score
+from blip2.config import Settings
+from blip2.model import ModelNotFound, find_blip2_folder, locate
+
+
+def test_init_from_azureml_model_dir_nested(tiny_model_dir, tmp_path, monkeypatch):
+    nested = tmp_path / "registered" / "blip2-opt-2.7b" / "snapshot"
+    shutil.copytree(tiny_model_dir, nested)
+    (tmp_path / "registered" / "README.txt").write_text("not a model")
+    for name in ("BLIP2_MODEL", "BLIP2_DTYPE", "BLIP2_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(tmp_path / "registered"))
+    monkeypatch.setenv("BLIP2_MAX_BATCH_SIZE", "2")
+    score.init()
+    try:
+        service = score._service
+        assert service is not None
+        assert service.engine.dtype.is_floating_point and str(service.engine.dtype) == "torch.float32"
+        assert service.engine.device.type == "cpu"
+        assert service.engine.model.config.num_query_tokens == 32
+    finally:
+        score._service.close()
+        score._service = None
+
+
+def test_blip2_model_wins_over_azureml_model_dir(tiny_model_dir, tmp_path):
+    settings = Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "AZUREML_MODEL_DIR": str(tmp_path)})
+    assert locate(settings).location == str(tiny_model_dir)
+
+
+def test_find_prefers_shallowest_and_ignores_other_configs(tiny_model_dir, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text('{"model_type": "bert"}')
+    shutil.copytree(tiny_model_dir, tmp_path / "b" / "deep")
+    assert find_blip2_folder(tmp_path) == tmp_path / "b" / "deep"
+    assert find_blip2_folder(tmp_path / "a") is None
+
+
+def test_unfindable_weights_fail_with_one_clear_sentence(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound) as info:
+        from blip2 import model
+
+        model.load(Settings.from_env({"BLIP2_MODEL": "no-such-org/no-such-blip2"}))
+    message = str(info.value)
+    assert "BLIP2_MODEL" in message and "no-such-org/no-such-blip2" in message
+    assert "\n" not in message
+    with pytest.raises(ModelNotFound, match="AZUREML_MODEL_DIR"):
+        locate(Settings.from_env({"AZUREML_MODEL_DIR": str(tmp_path)}))

@@ -1,0 +1,118 @@
+"""End to end: POST to a real azmlinfsrv serving score.py with the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from support import b64, picture
+
+
+def body(rows, parameters=None, columns=("image", "text")):
+    payload = {"input_data": {"columns": list(columns), "index": list(range(len(rows))), "data": [list(r) for r in rows]}}
+    if parameters is not None:
+        payload["parameters"] = parameters
+    return payload
+
+
+def test_liveness(server):
+    assert requests.get(server.url + "/", timeout=5).status_code == 200
+
+
+def test_sample_request_shape_with_base64_and_url(server, image_host):
+    red, blue = picture((220, 30, 30), seed=1), picture((30, 40, 220), size=(120, 90), seed=2)
+    url = image_host.add("/blue.png", blue)
+    rows = [(b64(red), "What is in the picture? Answer: "), (url, "what are people doing? Answer: ")]
+    r = server.score(body(rows))
+    assert r.status_code == 200, r.text
+    answers = r.json()
+    assert isinstance(answers, list) and len(answers) == 2
+    assert all(set(a) == {"text"} and isinstance(a["text"], str) for a in answers)
+    # the same picture as URL or as base64 gives the same answer, in the same position
+    swapped = server.score(body([(url, rows[1][1]), (b64(red), rows[0][1])])).json()
+    assert swapped == answers[::-1]
+    as_b64 = server.score(body([(b64(blue), rows[1][1])])).json()
+    assert as_b64 == [answers[1]]
+
+
+def test_records_form_columns_in_any_order_and_captioning(server):
+    img = picture(seed=3)
+    split = server.score(body([("Question: what is it? Answer:", b64(img))], columns=("text", "image")))
+    records = server.score({"input_data": [{"image": b64(img), "text": "Question: what is it? Answer:"}]})
+    assert split.status_code == records.status_code == 200
+    assert split.json() == records.json()
+    caption = server.score(body([(b64(img),)], columns=("image",)))
+    empty = server.score(body([(b64(img), "   ")]))
+    assert caption.status_code == 200 and caption.json() == empty.json()
+
+
+def test_parameters_change_the_answer_length(server):
+    rows = [(b64(picture(seed=s)), p) for s in range(3) for p in ("", "Question: what color is the shape? Answer:", "hi")]
+    short = server.score(body(rows, {"max_new_tokens": 2}))
+    longer = server.score(body(rows, {"max_new_tokens": 10, "min_new_tokens": 10}))
+    assert short.status_code == longer.status_code == 200, short.text
+    pairs = [(s["text"], l["text"]) for s, l in zip(short.json(), longer.json())]
+    # greedy: the longer answer continues the shorter one, and is longer for some rows
+    assert all(l.startswith(s) for s, l in pairs)
+    assert any(len(l) > len(s) for s, l in pairs)
+
+
+@pytest.mark.parametrize(
+    "payload,status,code,row",
+    [
+        (b"{not json", 400, "invalid_json", None),
+        (b"\xff\xfe\x00garbage", 400, "invalid_json", None),
+        ({"inputs": []}, 400, "missing_input_data", None),
+        ({"input_data": {"columns": ["text"], "data": [["hi"]]}}, 400, "invalid_columns", None),
+        ({"input_data": {"columns": ["image", "text"], "data": [["x", "y", "z"]]}}, 400, "invalid_row", 0),
+        ({"input_data": {"columns": ["image", "text"], "data": []}}, 400, "empty_input", None),
+        (body([("aGVsbG8=", 5)]), 400, "invalid_text", 0),
+        (body([("aGVsbG8=", "q")], {"max_new_tokens": 0}), 400, "invalid_parameter", None),
+        (body([("aGVsbG8=", "q")], {"temperature": "hot"}), 400, "invalid_parameter", None),
+        (body([("aGVsbG8=", "q")], {"beam_size": 2}), 400, "invalid_parameter", None),
+        (body([("aGVsbG8=", "q")] * 65), 413, "too_many_rows", None),
+    ],
+)
+def test_client_mistakes_get_4xx_json(server, payload, status, code, row):
+    r = server.score(payload)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["row"] == row
+    assert len(err["message"]) > 20
+
+
+def test_bad_image_rows_are_named(server, image_host):
+    good = b64(picture(seed=5))
+    cases = [
+        (base64.b64encode(b"this is not an image at all").decode(), "invalid_image"),
+        ("%%%not base64%%%", "invalid_base64"),
+        (image_host.url("/missing.png"), "url_fetch_failed"),
+        (image_host.add("/page.html", b"<html></html>", "text/html"), "url_fetch_failed"),
+    ]
+    for bad, code in cases:
+        r = server.score(body([(good, "q"), (bad, "q")]))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == code
+        assert r.json()["error"]["row"] == 1
+
+
+def test_other_methods_and_server_keeps_serving(server):
+    r = requests.get(server.url + "/score", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    ok = server.score(body([(b64(picture(seed=6)), "q")]))
+    assert ok.status_code == 200 and len(ok.json()) == 1
+    assert "Traceback" not in server.log()
+
+
+def test_concurrent_requests_equal_sequential_answers(server):
+    images = [b64(picture((30 * i, 100, 255 - 30 * i), seed=i)) for i in range(8)]
+    prompts = ["", "Question: what is it? Answer:", "hello there", "Question: what color is the shape? Answer:"]
+    payloads = [body([(images[i], prompts[i % len(prompts)])]) for i in range(8)]
+    sequential = [server.score(p).json() for p in payloads]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(lambda p: server.score(p).json(), payloads * 2))
+    assert concurrent == sequential * 2

@@ -1,0 +1,135 @@
+"""The micro-batcher, driven by real queues and threads."""
+
+import queue
+import threading
+import time
+from collections import deque
+
+import pytest
+
+from blip2.batcher import Batcher, Job, collect
+from blip2.errors import DeadlineExceeded, InvalidInput
+
+
+def job(n, params="p", deadline_s=10.0, tag=""):
+    return Job(items=[f"{tag}{i}" for i in range(n)], params=params, deadline=time.monotonic() + deadline_s)
+
+
+def test_collect_gathers_compatible_jobs_up_to_the_row_limit():
+    q = queue.Queue()
+    a, b, c, d = job(2), job(3, params="other"), job(2), job(2)
+    for j in (a, b, c, d):
+        q.put(j)
+    pending = deque()
+    batch = collect(q, pending, max_rows=4, wait_s=0.01)
+    assert batch == [a, c]  # b differs; the batch is full before d is looked at
+    assert list(pending) == [b] and q.qsize() == 1
+    assert collect(q, pending, max_rows=4, wait_s=0.01) == [b]
+    assert collect(q, pending, max_rows=4, wait_s=0.01) == [d]
+
+
+def test_collect_waits_for_late_arrivals_but_not_forever():
+    q = queue.Queue()
+    first, late = job(1), job(1)
+    q.put(first)
+    threading.Timer(0.02, q.put, args=(late,)).start()
+    started = time.monotonic()
+    assert collect(q, deque(), max_rows=8, wait_s=0.2) == [first, late]
+    assert time.monotonic() - started < 0.3
+    q.put(job(1))
+    started = time.monotonic()
+    assert len(collect(q, deque(), max_rows=8, wait_s=0.05)) == 1
+    assert time.monotonic() - started < 0.2
+
+
+def test_collect_drops_expired_jobs_with_a_deadline_error():
+    q = queue.Queue()
+    old, fresh = job(1, deadline_s=-1), job(1)
+    q.put(old)
+    q.put(fresh)
+    assert collect(q, deque(), max_rows=8, wait_s=0) == [fresh]
+    assert isinstance(old.error, DeadlineExceeded)
+
+
+def echo(items, params):
+    return [f"{params}:{item}" for item in items]
+
+
+def test_each_request_gets_exactly_its_own_answers_under_concurrency():
+    calls = []
+
+    def run(items, params):
+        calls.append(len(items))
+        time.sleep(0.01)
+        return echo(items, params)
+
+    b = Batcher(run, max_batch_size=8, wait_s=0.02)
+    results = {}
+
+    def client(k):
+        items = [f"r{k}-{i}" for i in range(1 + k % 3)]
+        results[k] = (items, b.submit(items, f"p{k % 2}", time.monotonic() + 10))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(24)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    b.close()
+    for k, (items, answers) in results.items():
+        assert answers == [f"p{k % 2}:{item}" for item in items]
+    assert sum(calls) == sum(len(items) for items, _ in results.values())
+    assert max(calls) <= 8 and len(calls) < 24  # rows from different requests shared batches
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates():
+    def run(items, params):
+        if any(item.startswith("bad") for item in items):
+            raise InvalidInput("bad row", code="invalid_image")
+        return echo(items, params)
+
+    b = Batcher(run, max_batch_size=16, wait_s=0.05)
+    out = {}
+
+    def client(name):
+        try:
+            out[name] = b.submit([f"{name}-x"], "p", time.monotonic() + 10)
+        except Exception as exc:  # noqa: BLE001
+            out[name] = exc
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in ("good1", "bad", "good2")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    b.close()
+    assert out["good1"] == ["p:good1-x"] and out["good2"] == ["p:good2-x"]
+    assert isinstance(out["bad"], InvalidInput)
+
+
+def test_unexpected_failure_becomes_a_generic_service_error():
+    b = Batcher(lambda items, params: 1 / 0, max_batch_size=4, wait_s=0)
+    with pytest.raises(Exception) as info:
+        b.submit(["a"], "p", time.monotonic() + 5)
+    b.close()
+    assert info.value.__class__.__name__ == "ServiceError" and "division" not in str(info.value)
+
+
+def test_a_request_never_waits_forever():
+    gate = threading.Event()
+
+    def slow(items, params):
+        gate.wait(5)
+        return echo(items, params)
+
+    b = Batcher(slow, max_batch_size=1, wait_s=0)
+    t = threading.Thread(target=lambda: b.submit(["first"], "p", time.monotonic() + 10))
+    t.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as info:
+        b.submit(["second"], "p", time.monotonic() + 0.2)
+    assert time.monotonic() - started < 1.0 and info.value.status == 504
+    gate.set()
+    t.join()
+    b.close()
