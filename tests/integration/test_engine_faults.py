@@ -1,0 +1,59 @@
+"""The engine under faults: CUDA out-of-memory splits the batch instead of failing it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+from blip2.engine import Engine, GenItem, RowTooLarge
+from blip2.params import GenerationParams
+from blip2.preprocess import Preprocessor
+from blip2.images import decode_image
+from blip2.config import ImageLimits
+from support import picture
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "left"
+    return Engine(model, processor, device="cpu", dtype=torch.float32, max_batch_size=8)
+
+
+def items(engine, n):
+    pre = Preprocessor.from_processor(engine.processor)
+    prompts = ["", "Question: what is it? Answer:", "a much longer prompt about the picture", "hi"]
+    return [
+        GenItem(key=f"img{i}", pixels=pre(decode_image(picture(seed=i), ImageLimits())), prompt=prompts[i % 4])
+        for i in range(n)
+    ]
+
+
+def test_oom_splits_the_batch_and_keeps_every_answer(engine, monkeypatch, caplog):
+    rows = items(engine, 7)
+    params = GenerationParams(max_new_tokens=6)
+    want = engine.generate(rows, params)
+    real = engine._generate_batch
+    sizes = []
+
+    def flaky(batch, p):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch, p)
+
+    monkeypatch.setattr(engine, "_generate_batch", flaky)
+    assert engine.generate(rows, params) == want
+    assert sizes[0] == 7 and max(s for s in sizes[1:]) <= 4 and "Out of memory" in caplog.text
+
+
+def test_a_row_that_never_fits_gets_its_own_error(engine, monkeypatch):
+    def always_oom(batch, p):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(engine, "_generate_batch", always_oom)
+    with pytest.raises(RowTooLarge) as info:
+        engine.generate(items(engine, 1), GenerationParams(max_new_tokens=2))
+    assert info.value.status == 503 and "simulated" not in info.value.message
