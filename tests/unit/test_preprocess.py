@@ -47,7 +47,7 @@ def test_pixels_match_the_processor(processor, size, fmt):
 
 def test_reads_size_and_normalisation_from_the_processor(processor):
     fast = Preprocessor.from_processor(processor)
-    assert (fast.width, fast.height) == (224, 224) and fast.draft_size == (448, 448)
+    assert (fast.width, fast.height) == (224, 224) and fast.draft_size == (336, 336)
     white = fast(Image.new("RGB", (224, 224), (255, 255, 255)))
     expected = (1.0 - torch.tensor(fast.mean)) / torch.tensor(fast.std)
     assert torch.allclose(white[:, 0, 0], expected, atol=1e-6)
