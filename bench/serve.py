@@ -1,0 +1,151 @@
+"""Serving benchmark: this service vs the catalog-style baseline, same model, same load, one run.
+
+Starts the real ``azmlinfsrv`` twice on loopback with a small BLIP-2 on the CPU:
+(a) ``score.py`` with ``GUNICORN_CMD_ARGS=--threads N`` and the micro-batcher, and
+(b) the baseline ``bench/naive_score.py`` (sync worker, processor + ``generate`` per
+request, fp32). Each is driven by ``--clients`` concurrent clients sending
+``--requests`` one-row requests (every request a different image, so the embedding
+cache gives no help), after a short warm-up. Prints requests/s, p50 and p99 latency
+for both and the throughput ratio. Answers of the two servers are compared too.
+
+    python bench/serve.py [--clients 16] [--requests 320] [--max-new-tokens 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Question: what color is the shape? Answer:", "Question: what shape is this? Answer:", ""]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(entry: Path, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = Path(sys.executable).parent / "azmlinfsrv"
+    proc = subprocess.Popen(
+        [str(exe), "--entry_script", str(entry), "--port", str(port)],
+        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{entry.name} exited; see {log}")
+        try:
+            if requests.get(url + "/", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{entry.name} did not start; see {log}")
+
+
+def images(n: int, seed: int) -> list[str]:
+    from blip2.shapes import COLORS, SHAPES, make_image
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        make_image(rng.choice(list(COLORS)), rng.choice(SHAPES), size=(160, 120), rng=rng).save(buf, "PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def drive(url: str, bodies: list[dict], clients: int) -> tuple[float, list[float], list]:
+    session_per_thread: dict = {}
+
+    def one(body):
+        import threading
+
+        session = session_per_thread.setdefault(threading.get_ident(), requests.Session())
+        started = time.perf_counter()
+        r = session.post(url + "/score", json=body, timeout=600)
+        elapsed = time.perf_counter() - started
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        return elapsed, r.json()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = list(pool.map(one, bodies))
+    wall = time.perf_counter() - started
+    return wall, [r[0] for r in results], [r[1] for r in results]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=320)
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    from blip2.tiny import make_tiny_blip2
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model = make_tiny_blip2(work / "model")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("BLIP2_", "GUNICORN_"))}
+    base_env.update(BLIP2_MODEL=str(model), HF_HUB_OFFLINE="1")
+    params = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens}
+    pictures = images(args.requests + 2 * args.clients, seed=1)
+    body = lambda i: {"input_data": {"columns": ["image", "text"], "index": [0], "data": [[pictures[i], PROMPTS[i % 3]]]}, "parameters": params}  # noqa: E731
+    warm = [body(args.requests + i) for i in range(2 * args.clients)]
+    timed = [body(i) for i in range(args.requests)]
+
+    servers = {
+        "blip2-endpoint (score.py, threads + micro-batcher)": (
+            REPO / "score.py",
+            {**base_env, "GUNICORN_CMD_ARGS": f"--threads {args.threads}", "BLIP2_MAX_BATCH_SIZE": str(args.clients), "BLIP2_BATCH_WAIT_MS": "5"},
+        ),
+        "baseline (naive_score.py, sync worker, generate per request)": (REPO / "bench" / "naive_score.py", base_env),
+    }
+    report, answers = {}, {}
+    for name, (entry, env) in servers.items():
+        proc, url = start(entry, env, work / f"{entry.stem}.log")
+        try:
+            drive(url, warm, args.clients)
+            wall, latencies, out = drive(url, timed, args.clients)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        report[name] = (args.requests / wall, pct(latencies, 0.5), pct(latencies, 0.99))
+        answers[name] = out
+    ours, base = report.values()
+    same = sum(a == b for a, b in zip(*answers.values()))
+    print(f"{args.requests} one-row requests, {args.clients} concurrent clients, max_new_tokens={args.max_new_tokens}, "
+          f"tiny BLIP-2 on CPU ({os.cpu_count()} cores)")
+    for name, (rps, p50, p99) in report.items():
+        print(f"  {name:62s} {rps:7.1f} req/s   p50 {p50:7.0f} ms   p99 {p99:7.0f} ms")
+    print(f"  throughput ratio vs baseline: {ours[0] / base[0]:.1f}x   (target >= 5x at 16 clients)")
+    print(f"  identical answers: {same}/{args.requests}")
+
+
+if __name__ == "__main__":
+    main()
