@@ -28,10 +28,10 @@ demo: install
 	BLIP2_MODEL=demo GUNICORN_CMD_ARGS="--threads $(THREADS)" $(VENV)/bin/azmlinfsrv --entry_script score.py --port $(PORT)
 
 test: install
-	$(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -45,7 +45,10 @@ def test_find_prefers_shallowest_and_ignores_other_configs(tiny_model_dir, tmp_p
 
 
 def test_unfindable_weights_fail_with_one_clear_sentence(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(ModelNotFound) as info:
         from blip2 import model
 
@@ -55,3 +58,25 @@ def test_unfindable_weights_fail_with_one_clear_sentence(tmp_path, monkeypatch):
     assert "\n" not in message
     with pytest.raises(ModelNotFound, match="AZUREML_MODEL_DIR"):
         locate(Settings.from_env({"AZUREML_MODEL_DIR": str(tmp_path)}))
+
+
+def test_fp16_keeps_the_qformer_in_fp32_and_answers(tiny_model_dir):
+    import torch
+
+    from blip2.params import GenerationParams
+    from blip2.payload import Row, ScoreRequest
+    from blip2.service import Service
+    from support import b64, picture
+
+    settings = Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_DTYPE": "float16", "BLIP2_WARMUP": "0"})
+    service = Service.from_settings(settings)
+    try:
+        model = service.engine.model
+        assert model.vision_model.embeddings.patch_embedding.weight.dtype == torch.float16
+        assert model.language_model.get_input_embeddings().weight.dtype == torch.float16
+        assert next(model.qformer.parameters()).dtype == torch.float32
+        rows = (Row(0, b64(picture(seed=1)), "Question: what is it? Answer:"), Row(1, b64(picture(seed=2)), ""))
+        answers = service.score(ScoreRequest(rows, GenerationParams(max_new_tokens=4)))
+        assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    finally:
+        service.close()
