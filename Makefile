@@ -21,11 +21,11 @@ install: $(VENV)/.installed
 # Serve score.py on http://127.0.0.1:$(PORT)/score with several request threads in one worker,
 # so that the micro-batcher can gather rows from concurrent requests.
 serve: install
-	GUNICORN_CMD_ARGS="--threads $(THREADS)" $(VENV)/bin/azmlinfsrv --entry_script score.py --port $(PORT)
+	AML_APP_ROOT=$(CURDIR) GUNICORN_CMD_ARGS="--threads $(THREADS)" $(VENV)/bin/azmlinfsrv --entry_script score.py --port $(PORT)
 
 # The same, with the toy demo model shipped in blip2/demo_model (offline, CPU friendly).
 demo: install
-	BLIP2_MODEL=demo GUNICORN_CMD_ARGS="--threads $(THREADS)" $(VENV)/bin/azmlinfsrv --entry_script score.py --port $(PORT)
+	AML_APP_ROOT=$(CURDIR) BLIP2_MODEL=demo GUNICORN_CMD_ARGS="--threads $(THREADS)" $(VENV)/bin/azmlinfsrv --entry_script score.py --port $(PORT)
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -34,6 +34,7 @@ class Server:
             BLIP2_MAX_BATCH_SIZE="8",
             BLIP2_BATCH_WAIT_MS="5",
             GUNICORN_CMD_ARGS=f"--threads {threads}",
+            AML_APP_ROOT=str(REPO),  # where azmlinfsrv looks for swagger.json
             HF_HUB_OFFLINE="1",
             PYTHONUNBUFFERED="1",
         )
