@@ -1,6 +1,5 @@
 """Error mapping: every failure becomes a JSON body with the right status, never a crash."""
 
-from types import SimpleNamespace
 
 from blip2.config import Settings
 from blip2.errors import InvalidInput, NotReady
