@@ -30,6 +30,7 @@ class GenItem:
     pixels: torch.Tensor | None
     prompt: str
     embed: torch.Tensor | None = None  # num_query_tokens x hidden, from the cache
+    prompt_ids: list[int] | None = None  # the prompt's token ids, when the caller has them already
 
 
 class RowTooLarge(ServiceError):
@@ -126,7 +127,7 @@ class Engine:
 
     def _generate_batch(self, items: list[GenItem], params: GenerationParams) -> list[str]:
         image_inputs = self._image_inputs(items)
-        input_ids, attention_mask = self._pack([item.prompt for item in items])
+        input_ids, attention_mask = self._pack(items)
         embedding = self.model.get_input_embeddings()
         inputs_embeds = embedding(input_ids)
         image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
@@ -142,10 +143,12 @@ class Engine:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def _pack(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pack(self, items: list[GenItem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids ``[pad..., <image> x Q, </s>, prompt...]`` and their attention mask."""
+        missing = [item.prompt for item in items if item.prompt_ids is None]
+        fresh = iter(self.tokenize(missing) if missing else [])
         image_part = [self.image_token_id] * self.num_query_tokens
-        rows = [image_part + ids for ids in self.tokenize(prompts)]
+        rows = [image_part + (item.prompt_ids if item.prompt_ids is not None else next(fresh)) for item in items]
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

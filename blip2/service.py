@@ -89,7 +89,8 @@ class Service:
     # -- one row --------------------------------------------------------------------------
     def _prepare(self, row: Row) -> GenItem | ServiceError:
         try:
-            n_tokens = len(self.engine.tokenize([row.prompt])[0])
+            prompt_ids = self.engine.tokenize([row.prompt])[0]
+            n_tokens = len(prompt_ids)
             if n_tokens > self.settings.max_prompt_tokens:
                 raise PayloadTooLarge(
                     f"Row {row.index}: the prompt is {n_tokens} tokens, over the limit of "
@@ -101,9 +102,9 @@ class Service:
             cache = self.engine.cache
             embed = cache.get(key) if cache is not None else None
             if embed is not None:  # held here, so a later eviction cannot lose it
-                return GenItem(key=key, pixels=None, prompt=row.prompt, embed=embed)
+                return GenItem(key=key, pixels=None, prompt=row.prompt, embed=embed, prompt_ids=prompt_ids)
             image = decode_image(data, self.settings.images, draft=self.preprocessor.draft_size)
-            return GenItem(key=key, pixels=self.preprocessor(image), prompt=row.prompt)
+            return GenItem(key=key, pixels=self.preprocessor(image), prompt=row.prompt, prompt_ids=prompt_ids)
         except ServiceError as err:
             return err.with_row(row.index)
         except Exception:  # noqa: BLE001 - a row must never take the request down with an internal error
