@@ -156,8 +156,11 @@ def _load_service(settings):
     return Service.from_settings(settings)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blip2-batch", description="Answer questions about images in CSV files or image folders, resumably.")
+DESCRIPTION = "Answer questions about images in CSV files or image folders, resumably."
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the batch arguments to ``p`` (also used by ``blip2 batch``)."""
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="CSV files, image files, or folders of them")
     p.add_argument("--out", required=True, help="output file, .csv or .jsonl; an existing one is resumed")
     p.add_argument("--question", default="", help="question asked of every image file (default: a caption)")
@@ -165,12 +168,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="demo, a local model folder, or a hub id (default: BLIP2_MODEL, else the hub model)")
     p.add_argument("--chunk", default=str(DEFAULT_CHUNK), help=f"rows per model call (default {DEFAULT_CHUNK})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blip2-batch", description=DESCRIPTION)
+    configure(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see the module docstring)."""
-    args = _parser().parse_args(argv)
+    return run(_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Answer the inputs named by parsed ``args``; returns the exit status."""
     try:
         env = dict(os.environ)
         if args.model:

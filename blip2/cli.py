@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import batch_cli
 from .client import Blip2Client, Conversation, EndpointError, encode_image, is_url
 
 
@@ -172,6 +173,8 @@ def _run_chat(args: argparse.Namespace) -> int:
 register_command("ask", Command("answer questions about images", _configure_ask, _run_ask))
 register_command("caption", Command("caption images", _configure_caption, _run_caption))
 register_command("chat", Command("chat about one image, reading questions from stdin", _configure_chat, _run_chat))
+# `blip2 batch` = `blip2-batch`: runs the model on this machine (torch is imported only when it runs)
+register_command("batch", Command(batch_cli.DESCRIPTION, batch_cli.configure, batch_cli.run, uses_endpoint=False))
 
 
 def build_parser() -> argparse.ArgumentParser:

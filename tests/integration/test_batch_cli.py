@@ -249,3 +249,12 @@ def test_a_model_that_cannot_load_is_a_clear_error(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "could not load the model" in err and "model_type 'blip-2'" in err
     assert not out.exists()
+
+
+def test_blip2_batch_subcommand_is_the_same_command(data, counting, tmp_path):
+    from blip2 import cli
+
+    folder, expected = data
+    out = tmp_path / "answers.jsonl"
+    assert cli.main(["batch", *_args(folder, out)]) == 0
+    assert_complete(out, expected)

@@ -98,6 +98,15 @@ def test_conda_pip_pins_match_the_serve_extra(pyproject, conda):
     assert not differ, f"specifiers differ (pyproject, conda): {differ}"
 
 
+def test_batch_conda_is_the_online_one_plus_the_batch_extra(pyproject, conda):
+    project = pyproject["project"]
+    extras = project["optional-dependencies"]
+    expected = requirement_map(extras["serve"] + project["dependencies"] + extras["batch"])
+    batch = load_conda((REPO / "deployment" / "batch" / "conda.yaml").read_text(encoding="utf-8"))
+    assert requirement_map(_pip_list(batch)) == expected
+    assert [d for d in batch["dependencies"] if isinstance(d, str)] == [d for d in conda["dependencies"] if isinstance(d, str)]
+
+
 def test_conda_python_satisfies_requires_python(pyproject, conda):
     plain = [d for d in conda["dependencies"] if isinstance(d, str)]
     pythons = [d for d in plain if d.replace(" ", "").startswith("python=")]
