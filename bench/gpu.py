@@ -174,6 +174,18 @@ def main(argv=None) -> int:
         lines.append(f"| decode step, batch {b} | {step_ms:.2f} ms/step | {floor_ms:.2f} ms/step | {frac} |")
         print(lines[-1], flush=True)
 
+    # 2b. the same with a static KV cache (BLIP2_STATIC_CACHE=1; on CUDA transformers compiles decode)
+    static = Engine(model, processor, device=device, dtype=dtype, max_batch_size=engine.max_batch_size, static_cache=True)
+    for b in (1, 8) if cuda else (1,):
+        items = [GenItem(key=f"s{i}", pixels=None, prompt=PROMPT, embed=embed) for i in range(b)]
+        same = static.generate(items, params) == engine.generate(items, params)
+        t_short = timer(lambda: static.generate(items, GenerationParams(max_new_tokens=short, min_new_tokens=short)))
+        t_long = timer(lambda: static.generate(items, GenerationParams(max_new_tokens=long_, min_new_tokens=long_)))
+        step_ms = (t_long - t_short) / (long_ - short) * 1000
+        lines.append(f"| decode step, batch {b}, static KV cache (answers {'identical' if same else 'DIFFER'}) "
+                     f"| {step_ms:.2f} ms/step | - | - |")
+        print(lines[-1], flush=True)
+
     # 3. end to end through Service + batcher, fresh images so the cache does not help
     settings = Settings.from_env({"BLIP2_MAX_BATCH_SIZE": "64" if cuda else "16", "BLIP2_BATCH_WAIT_MS": "5",
                                   "BLIP2_EMBED_CACHE_MB": "0", "BLIP2_PREPROCESS_THREADS": "8"})

@@ -54,6 +54,7 @@ class Settings:
     max_rows: int = 64  # BLIP2_MAX_ROWS: rows per request
     max_prompt_tokens: int = 256  # BLIP2_MAX_PROMPT_TOKENS
     warmup: bool = True  # BLIP2_WARMUP=0 skips the warm-up batch
+    static_cache: bool = False  # BLIP2_STATIC_CACHE=1: static KV cache (on CUDA transformers also compiles decode)
     images: ImageLimits = field(default_factory=ImageLimits)
     caps: ParamCaps = field(default_factory=ParamCaps)
 
@@ -95,6 +96,7 @@ class Settings:
             max_rows=r.integer("BLIP2_MAX_ROWS", cls.max_rows, lo=1),
             max_prompt_tokens=r.integer("BLIP2_MAX_PROMPT_TOKENS", cls.max_prompt_tokens, lo=1),
             warmup=r.flag("BLIP2_WARMUP", True),
+            static_cache=r.flag("BLIP2_STATIC_CACHE", False),
             images=images,
             caps=caps,
         )

@@ -39,7 +39,10 @@ class RowTooLarge(ServiceError):
 
 
 class Engine:
-    def __init__(self, model, processor, *, device, dtype, max_batch_size: int = 16, cache: EmbedCache | None = None):
+    def __init__(
+        self, model, processor, *, device, dtype, max_batch_size: int = 16, cache: EmbedCache | None = None,
+        static_cache: bool = False,
+    ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -47,6 +50,9 @@ class Engine:
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.cache = cache
+        # A static KV cache keeps decode shapes fixed; on CUDA transformers then compiles the
+        # decode step. Greedy answers are the same as with the dynamic cache (tested).
+        self._cache_kwargs = {"cache_implementation": "static"} if static_cache else {}
         config = model.config
         self.image_token_id = config.image_token_index
         self.num_query_tokens = config.num_query_tokens
@@ -137,6 +143,7 @@ class Engine:
             attention_mask=attention_mask,
             input_ids=input_ids,
             pad_token_id=self.pad_id,
+            **self._cache_kwargs,
             **params.generate_kwargs(),
         )
         new_tokens = output[:, input_ids.shape[1] :]

@@ -47,7 +47,7 @@ class Service:
         cache = EmbedCache(settings.embed_cache_mb * 1024 * 1024) if settings.embed_cache_mb > 0 else None
         engine = Engine(
             loaded.model, loaded.processor, device=loaded.device, dtype=loaded.dtype,
-            max_batch_size=settings.max_batch_size, cache=cache,
+            max_batch_size=settings.max_batch_size, cache=cache, static_cache=settings.static_cache,
         )
         if settings.warmup:
             started = time.perf_counter()

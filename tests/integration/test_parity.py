@@ -72,3 +72,17 @@ def test_repeated_image_uses_cache_and_keeps_answers(service, tiny_model_dir):
     second = service.score(ScoreRequest(rows, GenerationParams(max_new_tokens=8)))
     assert first == second == reference_answers(tiny_model_dir, [image] * 3, prompts, 8)
     assert cache.hits > hits_before
+
+
+def test_static_kv_cache_gives_the_same_greedy_answers(service, tiny_model_dir):
+    from blip2.engine import Engine
+
+    static = Engine(
+        service.engine.model, service.engine.processor, device="cpu", dtype=torch.float32,
+        max_batch_size=4, static_cache=True,
+    )
+    images = [picture(seed=20 + i) for i in range(len(PROMPTS))]
+    items = [service._prepare(Row(i, b64(img), p.strip())) for i, (img, p) in enumerate(zip(images, PROMPTS))]
+    params = GenerationParams(max_new_tokens=10)
+    assert static.generate(items, params) == service.engine.generate(items, params)
+    assert static._cache_kwargs and not service.engine._cache_kwargs
