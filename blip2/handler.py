@@ -45,7 +45,14 @@ def handle(service, request) -> tuple[int, object]:
 
 
 def _request_id(request) -> str | None:
+    """The id azmlinfsrv gave this request (returned to the client as x-ms-request-id), if any."""
     headers = getattr(request, "headers", None)
-    if headers is None:
+    found = headers.get("x-ms-request-id") or headers.get("x-request-id") if headers is not None else None
+    if found:
+        return found
+    try:
+        from flask import g, has_request_context
+
+        return g.get("request_id") if has_request_context() else None
+    except ImportError:  # the handler is also driven without Flask (tests, other servers)
         return None
-    return headers.get("x-ms-request-id") or headers.get("x-request-id")

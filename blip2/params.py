@@ -95,7 +95,8 @@ class _Validator:
 
     def number(self, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
         value = self.obj.get(name, default)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # a JSON integer may be too big for a float: compare it exactly instead of calling isfinite
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
         if ok:
             ok = (value > lo if lo_open else value >= lo) and value <= hi
         if not ok:

@@ -135,8 +135,17 @@ def _record_rows(records: list) -> list[tuple[object, object]]:
     return cells
 
 
+def _encodable(text: str) -> bool:
+    """False for strings holding lone UTF-16 surrogates (JSON ``\ud800``), which nothing downstream can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _make_row(i: int, image: object, text: object) -> Row:
-    if not isinstance(image, str) or not image.strip():
+    if not isinstance(image, str) or not image.strip() or not _encodable(image):
         raise InvalidInput(
             f"Row {i}: 'image' must be a non-empty string: a public http(s) URL or base64-encoded image bytes.",
             code="invalid_image_field",
@@ -146,6 +155,10 @@ def _make_row(i: int, image: object, text: object) -> Row:
         text = ""
     if not isinstance(text, str):
         raise InvalidInput(f"Row {i}: 'text' must be a string (the question or prompt), or empty for a caption.", code="invalid_text", row=i)
-    if "\x00" in text:
-        raise InvalidInput(f"Row {i}: 'text' contains a NUL character; remove it.", code="invalid_text", row=i)
+    if "\x00" in text or not _encodable(text):
+        raise InvalidInput(
+            f"Row {i}: 'text' contains a NUL character or an unpaired UTF-16 surrogate; send plain UTF-8 text.",
+            code="invalid_text",
+            row=i,
+        )
     return Row(index=i, image=image.strip(), prompt=text.strip())

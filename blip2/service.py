@@ -89,6 +89,13 @@ class Service:
     # -- one row --------------------------------------------------------------------------
     def _prepare(self, row: Row) -> GenItem | ServiceError:
         try:
+            limit = self.settings.max_prompt_tokens
+            if len(row.prompt) > limit * 32:  # no tokenizer makes fewer tokens than that: skip the work
+                raise PayloadTooLarge(
+                    f"Row {row.index}: the prompt is {len(row.prompt)} characters, far over the limit of "
+                    f"{limit} tokens; shorten it (for chat, drop the oldest turns).",
+                    code="prompt_too_long",
+                )
             prompt_ids = self.engine.tokenize([row.prompt])[0]
             n_tokens = len(prompt_ids)
             if n_tokens > self.settings.max_prompt_tokens:

@@ -32,6 +32,7 @@ def test_sampling_knobs_pass_through_only_when_sampling():
         {"do_sample": 1},
         {"temperature": 0},
         {"temperature": float("inf")},
+        {"temperature": 10**400},  # a JSON integer too big for a float
         {"top_p": 1.5},
         {"top_k": -1},
         {"repetition_penalty": 0},

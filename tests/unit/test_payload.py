@@ -46,6 +46,8 @@ def test_records_form():
         ({"input_data": {"columns": ["image", "text"], "data": [["", "q"]]}}, "invalid_image_field", 0),
         ({"input_data": {"columns": ["image", "text"], "data": [["a", ["q"]]]}}, "invalid_text", 0),
         ({"input_data": [{"image": "a", "question": "q"}]}, "invalid_row", 0),
+        ({"input_data": [{"image": "a", "text": "what \ud800 is it"}]}, "invalid_text", 0),
+        ({"input_data": [{"image": "http://x/\udfff.png"}]}, "invalid_image_field", 0),
         ({"input_data": []}, "empty_input", None),
         ({"input_data": [{"image": "a"}], "params": {}}, "invalid_input", None),
         ({"input_data": [{"image": "a"}], "parameters": {"top_q": 1}}, "invalid_parameter", None),
