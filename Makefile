@@ -33,5 +33,11 @@ test: install
 test-slow: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
+# The CPU benchmarks (each prints a ratio against its baseline); see bench/RESULTS.md.
+bench: install
+	$(PY) bench/preprocess.py
+	$(PY) bench/cache.py
+	$(PY) bench/serve.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -62,20 +62,27 @@ def collect(source: "queue.Queue[Job]", pending: deque, max_rows: int, wait_s: f
             if first is None:  # the close() sentinel
                 return []
             first = None
-    batch, rows = [first], len(first.items)
-    kept = deque()
-    while pending and rows < max_rows:  # earlier arrivals first
-        job = pending.popleft()
-        if not usable(job):
-            continue
+    batch = [first]
+
+    def take(job: Job) -> bool:
+        """Add ``job`` to the batch if its params match and its rows fit."""
+        rows = sum(len(j.items) for j in batch)
         if job.params == first.params and rows + len(job.items) <= max_rows:
             batch.append(job)
-            rows += len(job.items)
-        else:
+            return True
+        return False
+
+    def full() -> bool:
+        return sum(len(j.items) for j in batch) >= max_rows
+
+    kept = deque()
+    while pending and not full():  # earlier arrivals first
+        job = pending.popleft()
+        if usable(job) and not take(job):
             kept.append(job)
     pending.extendleft(reversed(kept))
     until = time.monotonic() + wait_s
-    while rows < max_rows:
+    while not full():
         remaining = until - time.monotonic()
         try:
             job = source.get(timeout=max(remaining, 0)) if remaining > 0 else source.get_nowait()
@@ -84,12 +91,7 @@ def collect(source: "queue.Queue[Job]", pending: deque, max_rows: int, wait_s: f
         if job is None:
             source.put(None)  # let the loop see the sentinel after this batch
             break
-        if not usable(job):
-            continue
-        if job.params == first.params and rows + len(job.items) <= max_rows:
-            batch.append(job)
-            rows += len(job.items)
-        else:
+        if usable(job) and not take(job):
             pending.append(job)
     return batch
 

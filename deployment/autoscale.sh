@@ -29,10 +29,8 @@ Usage: deployment/autoscale.sh -g RESOURCE_GROUP [options]
 EOF
 }
 
-die() {
-    echo "autoscale.sh: $*" >&2
-    exit 2
-}
+# shellcheck disable=SC1091  # the helpers: die, run, require_az
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 endpoint="${BLIP2_ENDPOINT_NAME:-blip2-vqa}"
 deployment="${BLIP2_DEPLOYMENT_NAME:-blue}"
@@ -70,23 +68,12 @@ scope=(--resource-group "$resource_group")
 [[ -n "$workspace" ]] && scope+=(--workspace-name "$workspace")
 autoscale_name="autoscale-$endpoint-$deployment"
 
-run() {
-    if ((dry_run)); then
-        printf '+'
-        printf ' %q' "$@"
-        printf '\n'
-    else
-        echo "+ $*" >&2
-        "$@"
-    fi
-}
-
 if ((dry_run)); then
     run az ml online-deployment show --endpoint-name "$endpoint" --name "$deployment" \
         --query id --output tsv "${scope[@]}"
     deployment_id="<deployment-resource-id>"
 else
-    command -v az >/dev/null 2>&1 || die "the Azure CLI (az) is not on PATH"
+    require_az
     deployment_id="$(az ml online-deployment show --endpoint-name "$endpoint" --name "$deployment" \
         --query id --output tsv "${scope[@]}")"
 fi

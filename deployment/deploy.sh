@@ -32,10 +32,8 @@ Usage: deployment/deploy.sh [options]
 EOF
 }
 
-die() {
-    echo "deploy.sh: $*" >&2
-    exit 2
-}
+# shellcheck disable=SC1091  # the helpers: die, run, require_az
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 endpoint="${BLIP2_ENDPOINT_NAME:-blip2-vqa}"
 deployment="${BLIP2_DEPLOYMENT_NAME:-blue}"
@@ -48,6 +46,7 @@ skip_create=0
 cleanup=0
 dry_run=0
 
+# shellcheck disable=SC2034  # dry_run is read by run and require_az (lib.sh)
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -e | --endpoint) endpoint="${2:?--endpoint needs a value}"; shift 2 ;;
@@ -86,20 +85,7 @@ overrides=()
 [[ -n "$model" ]] && overrides+=(--set "model=$model")
 [[ -n "$instance_type" ]] && overrides+=(--set "instance_type=$instance_type")
 
-run() {
-    if ((dry_run)); then
-        printf '+'
-        printf ' %q' "$@"
-        printf '\n'
-    else
-        echo "+ $*" >&2
-        "$@"
-    fi
-}
-
-if ! ((dry_run)) && ! command -v az >/dev/null 2>&1; then
-    die "the Azure CLI (az) is not on PATH; install it and run 'az extension add -n ml'"
-fi
+require_az
 
 if ! ((skip_create)); then
     run az ml online-endpoint create --file deployment/endpoint.yml --name "$endpoint" "${scope[@]}"

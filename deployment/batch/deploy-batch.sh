@@ -43,10 +43,8 @@ Usage: deployment/batch/deploy-batch.sh --input PATH_OR_URI [options]
 USAGE
 }
 
-die() {
-    echo "deploy-batch.sh: $*" >&2
-    exit 2
-}
+# shellcheck disable=SC1091  # the helpers: die, run, require_az
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 endpoint="${BLIP2_BATCH_ENDPOINT_NAME:-blip2-vqa-batch}"
 deployment="${BLIP2_BATCH_DEPLOYMENT_NAME:-blip2-batch}"
@@ -119,20 +117,7 @@ overrides=()
 job_options=()
 [[ -n "$mini_batch_size" ]] && job_options+=(--mini-batch-size "$mini_batch_size")
 
-run() {
-    if ((dry_run)); then
-        printf '+'
-        printf ' %q' "$@"
-        printf '\n'
-    else
-        echo "+ $*" >&2
-        "$@"
-    fi
-}
-
-if ! ((dry_run)) && ! command -v az >/dev/null 2>&1; then
-    die "the Azure CLI (az) is not on PATH; install it and run 'az extension add -n ml'"
-fi
+require_az
 
 if ((create_compute)); then
     run az ml compute create --name "${compute:-gpu-cluster}" --type amlcompute --size "$vm_size" \
