@@ -29,6 +29,11 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS = {  # TinySizes overrides
+    "tiny": {},
+    "small": {"vision_hidden": 192, "vision_layers": 4, "vision_heads": 4, "patch_size": 16,
+              "qformer_hidden": 128, "text_hidden": 256, "text_layers": 4, "text_heads": 4},
+}
 PROMPTS = ["Question: what color is the shape? Answer:", "Question: what shape is this? Answer:", ""]
 
 
@@ -104,12 +109,14 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=320)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small",
+                        help="tiny: HTTP overhead dominates; small: the model's own cost matters, as it does for BLIP-2")
     args = parser.parse_args(argv)
 
-    from blip2.tiny import make_tiny_blip2
+    from blip2.tiny import TinySizes, make_tiny_blip2
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    model = make_tiny_blip2(work / "model")
+    model = make_tiny_blip2(work / "model", TinySizes(**MODELS[args.model]))
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("BLIP2_", "GUNICORN_"))}
     base_env.update(BLIP2_MODEL=str(model), HF_HUB_OFFLINE="1")
     params = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens}
@@ -123,7 +130,11 @@ def main(argv=None) -> None:
             REPO / "score.py",
             {**base_env, "GUNICORN_CMD_ARGS": f"--threads {args.threads}", "BLIP2_MAX_BATCH_SIZE": str(args.clients), "BLIP2_BATCH_WAIT_MS": "5"},
         ),
-        "baseline (naive_score.py, sync worker, generate per request)": (REPO / "bench" / "naive_score.py", base_env),
+        # The baseline gets OMP_NUM_THREADS=1, its best setting here: with torch's default of one
+        # thread per core its generate ran ~15x slower inside the sync worker (750 vs 45 ms a request).
+        "baseline (naive_score.py, sync worker, generate per request)": (
+            REPO / "bench" / "naive_score.py", {**base_env, "OMP_NUM_THREADS": "1"},
+        ),
     }
     report, answers = {}, {}
     for name, (entry, env) in servers.items():
@@ -139,7 +150,7 @@ def main(argv=None) -> None:
     ours, base = report.values()
     same = sum(a == b for a, b in zip(*answers.values()))
     print(f"{args.requests} one-row requests, {args.clients} concurrent clients, max_new_tokens={args.max_new_tokens}, "
-          f"tiny BLIP-2 on CPU ({os.cpu_count()} cores)")
+          f"{args.model} BLIP-2 ({MODELS[args.model] or 'tiny defaults'}) on CPU ({os.cpu_count()} cores)")
     for name, (rps, p50, p99) in report.items():
         print(f"  {name:62s} {rps:7.1f} req/s   p50 {p50:7.0f} ms   p99 {p99:7.0f} ms")
     print(f"  throughput ratio vs baseline: {ours[0] / base[0]:.1f}x   (target >= 5x at 16 clients)")
