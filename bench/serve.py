@@ -33,6 +33,9 @@ MODELS = {  # TinySizes overrides
     "tiny": {},
     "small": {"vision_hidden": 192, "vision_layers": 4, "vision_heads": 4, "patch_size": 16,
               "qformer_hidden": 128, "text_hidden": 256, "text_layers": 4, "text_heads": 4},
+    # BLIP-2's balance: the language model dominates (OPT-2.7b vs a 1B ViT, one pass per token);
+    # ~80M parameters of OPT whose decode is bound by reading its weights, as on a GPU
+    "lm-heavy": {"text_hidden": 1024, "text_layers": 6, "text_heads": 16},
 }
 PROMPTS = ["Question: what color is the shape? Answer:", "Question: what shape is this? Answer:", ""]
 
