@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import EmbedCache
-from .errors import NotReady, ServiceError
+from .errors import ServiceError
 from .params import GenerationParams
 
 log = logging.getLogger("blip2.engine")
@@ -175,7 +175,3 @@ class Engine:
             self.generate(items, GenerationParams(max_new_tokens=2))
         finally:
             self.cache = cache
-
-
-def not_ready() -> NotReady:
-    return NotReady("The model is still loading; retry in a few seconds.", code="not_ready")
