@@ -1,10 +1,18 @@
 """Cross-request micro-batching.
 
 Requests (each a list of rows with one set of generation parameters) are put on
-a queue. A single batcher thread takes the oldest, gathers more until the batch
-holds ``max_batch_size`` rows or ``wait_s`` has passed, keeps together those
-whose parameters match the first, runs them as one model call, and hands each
-request exactly its own answers. ``collect`` is the pure gathering step.
+a queue. A single batcher thread takes the oldest, gathers more, keeps together
+those whose parameters match the first, runs them as one model call, and hands
+each request exactly its own answers. ``collect`` is the pure gathering step.
+
+How long to gather: requests announce their rows when they arrive, before their
+images are decoded (``Batcher.announce``). The batcher keeps gathering while
+announced rows are still being prepared, or until ``wait_s`` passes with no new
+arrival, and never longer than ``max_wait_s`` after it took the first job. A
+fixed short window alone splits a burst of concurrent requests into a tiny batch
+and a big one (the first request is ready while the others are still decoding),
+which costs a whole extra model pass; a lone request does not wait for rows that
+nobody announced.
 """
 
 from __future__ import annotations
@@ -39,13 +47,18 @@ class Job:
         self.done.set()
 
 
-def collect(source: "queue.Queue[Job]", pending: deque, max_rows: int, wait_s: float) -> list[Job]:
+def collect(
+    source: "queue.Queue[Job]", pending: deque, max_rows: int, wait_s: float,
+    max_wait_s: float | None = None, arriving: Callable[[], int] = lambda: 0,
+) -> list[Job]:
     """Gather one batch: the oldest job plus later ones with equal params, up to ``max_rows`` rows.
 
     ``pending`` holds jobs taken off the queue earlier but not yet run (their params
     differed); it is consulted first and keeps its order. Blocks until a first job
-    arrives; then waits at most ``wait_s`` for more. Jobs past their deadline or
-    abandoned by their caller are dropped.
+    arrives; then gathers more until ``wait_s`` passes without a new job while
+    ``arriving()`` (rows announced but not yet queued) is 0, or until ``max_wait_s``
+    (default ``wait_s``) has passed since the first job was taken. Jobs past their
+    deadline or abandoned by their caller are dropped.
     """
     def usable(job: Job) -> bool:
         if job.abandoned:
@@ -81,13 +94,25 @@ def collect(source: "queue.Queue[Job]", pending: deque, max_rows: int, wait_s: f
         if usable(job) and not take(job):
             kept.append(job)
     pending.extendleft(reversed(kept))
-    until = time.monotonic() + wait_s
+    started = time.monotonic()
+    hard_stop = started + max(wait_s, max_wait_s if max_wait_s is not None else wait_s)
+    quiet_until = started + wait_s
+    poll = max(wait_s, 0.001)  # how often to look at arriving() while announced rows are expected
     while not full():
-        remaining = until - time.monotonic()
-        try:
-            job = source.get(timeout=max(remaining, 0)) if remaining > 0 else source.get_nowait()
-        except queue.Empty:
-            break
+        now = time.monotonic()
+        expected = arriving()
+        if now >= hard_stop or (now >= quiet_until and expected <= 0):
+            try:  # whatever is queued already still joins
+                job = source.get_nowait()
+            except queue.Empty:
+                break
+        else:
+            until = hard_stop if expected > 0 else quiet_until
+            try:
+                job = source.get(timeout=max(min(until - now, poll), 0.0001))
+            except queue.Empty:
+                continue
+            quiet_until = time.monotonic() + wait_s
         if job is None:
             source.put(None)  # let the loop see the sentinel after this batch
             break
@@ -96,11 +121,47 @@ def collect(source: "queue.Queue[Job]", pending: deque, max_rows: int, wait_s: f
     return batch
 
 
+class Announcement:
+    """Rows a request will submit once its images are ready; counted until submitted or withdrawn."""
+
+    def __init__(self, counter: "_Counter", rows: int):
+        self._counter, self.rows = counter, rows
+        counter.add(rows)
+
+    def withdraw(self) -> None:
+        if self.rows:
+            self._counter.add(-self.rows)
+            self.rows = 0
+
+    def __enter__(self) -> "Announcement":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.withdraw()
+
+
+class _Counter:
+    def __init__(self):
+        self._value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._value += n
+
+    def __call__(self) -> int:
+        return self._value
+
+
 class Batcher:
-    def __init__(self, run_batch: RunBatch, max_batch_size: int = 16, wait_s: float = 0.005):
+    def __init__(
+        self, run_batch: RunBatch, max_batch_size: int = 16, wait_s: float = 0.005, max_wait_s: float | None = None,
+    ):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
+        self.max_wait_s = wait_s if max_wait_s is None else max(max_wait_s, wait_s)
+        self.arriving = _Counter()  # rows announced by requests still preparing their images
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._pending: deque = deque()
         self._closed = False
@@ -108,12 +169,23 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="blip2-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, items: Sequence, params, deadline: float) -> list:
-        """Block until ``items`` are answered; raises the batch's error or DeadlineExceeded (504)."""
+    def announce(self, rows: int) -> Announcement:
+        """Tell the batcher ``rows`` are on their way (use as a context manager around preparation)."""
+        return Announcement(self.arriving, rows)
+
+    def submit(self, items: Sequence, params, deadline: float, announced: Announcement | None = None) -> list:
+        """Block until ``items`` are answered; raises the batch's error or DeadlineExceeded (504).
+
+        ``announced``, if given, is withdrawn once the job is queued.
+        """
         if self._closed:
+            if announced is not None:
+                announced.withdraw()
             raise NotReady("The server is shutting down; retry on another instance.", code="shutting_down")
         job = Job(items=list(items), params=params, deadline=deadline)
         self._queue.put(job)
+        if announced is not None:
+            announced.withdraw()
         if not job.done.wait(timeout=max(deadline - time.monotonic(), 0)):
             job.abandoned = True
             raise _deadline_error()
@@ -128,7 +200,9 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            batch = collect(self._queue, self._pending, self.max_batch_size, self.wait_s)
+            batch = collect(
+                self._queue, self._pending, self.max_batch_size, self.wait_s, self.max_wait_s, self.arriving,
+            )
             if not batch:
                 break
             self._run(batch)
@@ -137,9 +211,13 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> None:
         items = [item for job in batch for item in job.items]
+        started = time.perf_counter()
         try:
             answers = self.run_batch(items, batch[0].params)
             self.batches_run += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("Batch of %d rows from %d requests took %.1f ms (queue %d)", len(items), len(batch),
+                          1000 * (time.perf_counter() - started), self._queue.qsize())
         except BaseException as exc:  # noqa: BLE001 - isolate: retry each request on its own
             if len(batch) == 1:
                 batch[0].finish(error=_as_service_error(exc))

@@ -46,7 +46,8 @@ class Settings:
     dtype: str | None = None  # BLIP2_DTYPE; None: float16 on CUDA, float32 on CPU
     device: str | None = None  # BLIP2_DEVICE; None: cuda if available else cpu
     max_batch_size: int = 16  # BLIP2_MAX_BATCH_SIZE: rows per model batch
-    batch_wait_ms: float = 5.0  # BLIP2_BATCH_WAIT_MS: how long the batcher gathers rows
+    batch_wait_ms: float = 5.0  # BLIP2_BATCH_WAIT_MS: the batcher gathers until this long passes with no new row
+    batch_max_wait_ms: float = 50.0  # BLIP2_BATCH_MAX_WAIT_MS: ... but never longer than this per batch
     request_timeout_s: float = 120.0  # BLIP2_REQUEST_TIMEOUT_S: deadline per request
     embed_cache_mb: int = 256  # BLIP2_EMBED_CACHE_MB: image-embedding cache, 0 = off
     preprocess_threads: int = 4  # BLIP2_PREPROCESS_THREADS
@@ -89,6 +90,7 @@ class Settings:
             device=device,
             max_batch_size=r.integer("BLIP2_MAX_BATCH_SIZE", cls.max_batch_size, lo=1),
             batch_wait_ms=r.number("BLIP2_BATCH_WAIT_MS", cls.batch_wait_ms, lo=0.0),
+            batch_max_wait_ms=r.number("BLIP2_BATCH_MAX_WAIT_MS", cls.batch_max_wait_ms, lo=0.0),
             request_timeout_s=r.number("BLIP2_REQUEST_TIMEOUT_S", cls.request_timeout_s, lo=0.1),
             embed_cache_mb=r.integer("BLIP2_EMBED_CACHE_MB", cls.embed_cache_mb, lo=0),
             preprocess_threads=r.integer("BLIP2_PREPROCESS_THREADS", cls.preprocess_threads, lo=1),

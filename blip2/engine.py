@@ -18,6 +18,7 @@ import torch
 from .cache import EmbedCache
 from .errors import ServiceError
 from .params import GenerationParams
+from .preprocess import Preprocessor
 
 log = logging.getLogger("blip2.engine")
 
@@ -27,7 +28,7 @@ class GenItem:
     """One row ready for the model: its image as pixels (3 x H x W) or as a cached embedding."""
 
     key: str  # content hash of the image bytes
-    pixels: torch.Tensor | None
+    pixels: torch.Tensor | None  # uint8 after the resize (normalised on the device), or already normalised floats
     prompt: str
     embed: torch.Tensor | None = None  # num_query_tokens x hidden, from the cache
     prompt_ids: list[int] | None = None  # the prompt's token ids, when the caller has them already
@@ -46,6 +47,7 @@ class Engine:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.pixel_norm = Preprocessor.from_processor(processor)
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_batch_size = max_batch_size
@@ -101,12 +103,18 @@ class Engine:
                 todo[item.key] = item.pixels
         if todo:
             keys = list(todo)
-            embeds = self.embed_images(torch.stack([todo[k] for k in keys]))
+            embeds = self.embed_images(self._pixel_batch([todo[k] for k in keys]))
             for key, embed in zip(keys, embeds):
                 found[key] = embed
                 if self.cache is not None:
                     self.cache.put(key, embed)
         return torch.stack([found[item.key] for item in items])
+
+    def _pixel_batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """Rows of pixels -> one normalised float batch on the device (uint8 rows travel 4x smaller)."""
+        if all(p.dtype == torch.uint8 for p in pixels):
+            return self.pixel_norm.normalize(torch.stack(pixels).to(self.device))
+        return torch.stack([self.pixel_norm.normalize(p) if p.dtype == torch.uint8 else p for p in pixels])
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, items: list[GenItem], params: GenerationParams) -> list[str]:
@@ -118,7 +126,8 @@ class Engine:
 
     def _generate_splitting(self, items: list[GenItem], params: GenerationParams) -> list[str]:
         try:
-            with self._lock:
+            # inference_mode: no autograd records for the vision tower (generate only covers the LM)
+            with self._lock, torch.inference_mode():
                 return self._generate_batch(items, params)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":

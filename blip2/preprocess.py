@@ -3,7 +3,9 @@
 The BLIP image processor resizes to the model's square input with bicubic
 resampling, rescales to [0, 1] and normalises with the CLIP mean and std. This
 does the same with one Pillow resize and a few tensor ops, without the
-processor's per-call overhead. Big JPEGs are decoded in draft mode (DCT scaling
+processor's per-call overhead. The service keeps each row as uint8 after the
+resize and normalises the whole batch at once on the model's device
+(``resize`` and ``normalize``), so request threads run no torch kernels. Big JPEGs are decoded in draft mode (DCT scaling
 by 1/2, 1/4 or 1/8) to no less than 1.5x the model's input on each axis, which
 cuts a 12-megapixel decode several times over; other huge images are first
 shrunk by box-averaging (Pillow's ``reducing_gap``) to no less than twice the
@@ -52,14 +54,27 @@ class Preprocessor:
         """The smallest size a JPEG may be draft-decoded to without hurting the final resize."""
         return (round(self.width * _DRAFT_FACTOR), round(self.height * _DRAFT_FACTOR))
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> float32 tensor 3 x height x width, normalised."""
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> uint8 tensor 3 x height x width, resized like the processor (not normalised).
+
+        Per-row work stays in Pillow and NumPy: no torch kernels run on the request
+        threads, where they would fight the model's intra-op threads for the cores.
+        """
         if image.mode != "RGB":
             image = image.convert("RGB")
         if image.size != (self.width, self.height):
             image = image.resize((self.width, self.height), self.resample, reducing_gap=_REDUCING_GAP)
-        array = np.asarray(image, dtype=np.float32)
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (tensor * self.rescale - mean) / std
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (... x 3 x H x W, any device) -> float32, rescaled and normalised as the processor does."""
+        shape = (3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(shape)
+        out = pixels.to(torch.float32, copy=True)  # always a fresh tensor: the steps below work in place
+        # in place: the same arithmetic as ``(x * rescale - mean) / std`` without three big temporaries
+        return out.mul_(self.rescale).sub_(mean).div_(std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> float32 tensor 3 x height x width, normalised."""
+        return self.normalize(self.resize(image))

@@ -36,6 +36,7 @@ class Service:
             engine.generate,
             max_batch_size=settings.max_batch_size,
             wait_s=settings.batch_wait_ms / 1000.0,
+            max_wait_s=settings.batch_max_wait_ms / 1000.0,
         )
 
     @classmethod
@@ -77,13 +78,18 @@ class Service:
     def score_rows(self, rows: tuple[Row, ...] | list[Row], params: GenerationParams) -> list[str | ServiceError]:
         """Answers or per-row errors, in row order: one bad row does not sink the others."""
         deadline = time.monotonic() + self.settings.request_timeout_s
-        prepared = list(self._pool.map(self._prepare, rows))
-        good = [(i, item) for i, item in enumerate(prepared) if isinstance(item, GenItem)]
-        results: list[str | ServiceError] = list(prepared)  # errors stay where they are
-        if good:
-            answers = self.batcher.submit([item for _, item in good], params, deadline)
-            for (i, _), answer in zip(good, answers):
-                results[i] = answer
+        # announced first, so the batcher waits for these rows while their images are decoded
+        with self.batcher.announce(len(rows)) as announced:
+            if len(rows) == 1:  # no thread hand-off for the common one-row request
+                prepared = [self._prepare(rows[0])]
+            else:
+                prepared = list(self._pool.map(self._prepare, rows))
+            good = [(i, item) for i, item in enumerate(prepared) if isinstance(item, GenItem)]
+            results: list[str | ServiceError] = list(prepared)  # errors stay where they are
+            if good:
+                answers = self.batcher.submit([item for _, item in good], params, deadline, announced=announced)
+                for (i, _), answer in zip(good, answers):
+                    results[i] = answer
         return results
 
     # -- one row --------------------------------------------------------------------------
@@ -111,7 +117,8 @@ class Service:
             if embed is not None:  # held here, so a later eviction cannot lose it
                 return GenItem(key=key, pixels=None, prompt=row.prompt, embed=embed, prompt_ids=prompt_ids)
             image = decode_image(data, self.settings.images, draft=self.preprocessor.draft_size)
-            return GenItem(key=key, pixels=self.preprocessor(image), prompt=row.prompt, prompt_ids=prompt_ids)
+            # uint8: the engine normalises the whole batch on its device
+            return GenItem(key=key, pixels=self.preprocessor.resize(image), prompt=row.prompt, prompt_ids=prompt_ids)
         except ServiceError as err:
             return err.with_row(row.index)
         except Exception:  # noqa: BLE001 - a row must never take the request down with an internal error

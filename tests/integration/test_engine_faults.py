@@ -57,3 +57,15 @@ def test_a_row_that_never_fits_gets_its_own_error(engine, monkeypatch):
     with pytest.raises(RowTooLarge) as info:
         engine.generate(items(engine, 1), GenerationParams(max_new_tokens=2))
     assert info.value.status == 503 and "simulated" not in info.value.message
+
+
+def test_uint8_pixels_give_the_same_answers_as_normalised_ones(engine):
+    pre = Preprocessor.from_processor(engine.processor)
+    images = [decode_image(picture(seed=i), ImageLimits()) for i in range(3)]
+    params = GenerationParams(max_new_tokens=6)
+    as_float = [GenItem(key=f"f{i}", pixels=pre(im), prompt="hi") for i, im in enumerate(images)]
+    as_uint8 = [GenItem(key=f"u{i}", pixels=pre.resize(im), prompt="hi") for i, im in enumerate(images)]
+    mixed = [as_uint8[0], as_float[1], as_uint8[2]]
+    want = engine.generate(as_float, params)
+    assert engine.generate(as_uint8, params) == want
+    assert engine.generate(mixed, params) == want

@@ -133,3 +133,76 @@ def test_a_request_never_waits_forever():
     gate.set()
     t.join()
     b.close()
+
+
+def test_collect_keeps_gathering_while_announced_rows_are_on_their_way():
+    q = queue.Queue()
+    first, late = job(1), job(1)
+    q.put(first)
+    expected = [1]  # one row announced, not yet queued
+    def arrive():
+        q.put(late)
+        expected[0] = 0
+    threading.Timer(0.08, arrive).start()
+    batch = collect(q, deque(), max_rows=8, wait_s=0.01, max_wait_s=1.0, arriving=lambda: expected[0])
+    assert batch == [first, late]  # waited well past wait_s, because a row was announced
+
+
+def test_collect_without_announcements_waits_only_the_quiet_window():
+    q = queue.Queue()
+    first, late = job(1), job(1)
+    q.put(first)
+    threading.Timer(0.15, q.put, args=(late,)).start()
+    started = time.monotonic()
+    assert collect(q, deque(), max_rows=8, wait_s=0.01, max_wait_s=1.0, arriving=lambda: 0) == [first]
+    assert time.monotonic() - started < 0.1
+    assert q.get(timeout=1) is late
+
+
+def test_collect_never_waits_past_max_wait_for_announced_rows():
+    q = queue.Queue()
+    q.put(job(1))
+    started = time.monotonic()
+    batch = collect(q, deque(), max_rows=8, wait_s=0.01, max_wait_s=0.1, arriving=lambda: 3)  # never come
+    elapsed = time.monotonic() - started
+    assert len(batch) == 1 and 0.09 <= elapsed < 0.5
+
+
+def test_announcements_are_withdrawn_on_submit_and_on_failure():
+    b = Batcher(echo, max_batch_size=8, wait_s=0)
+    with b.announce(2) as announced:
+        assert b.arriving() == 2
+        assert b.submit(["a", "b"], "p", time.monotonic() + 5, announced=announced) == ["p:a", "p:b"]
+        assert b.arriving() == 0
+    with pytest.raises(RuntimeError):
+        with b.announce(3):
+            assert b.arriving() == 3
+            raise RuntimeError("preparing the rows failed")
+    assert b.arriving() == 0
+    b.close()
+
+
+def test_a_burst_of_announced_requests_shares_one_batch():
+    """Requests that announce together and queue over ~60 ms still form one batch (wait_s alone is 5 ms)."""
+    calls = []
+
+    def run(items, params):
+        calls.append(len(items))
+        return echo(items, params)
+
+    b = Batcher(run, max_batch_size=16, wait_s=0.005, max_wait_s=2.0)
+    announcements = [b.announce(1) for _ in range(8)]
+    out = {}
+
+    def client(k):
+        time.sleep(0.008 * k)  # each request takes a little longer to decode its image
+        out[k] = b.submit([f"r{k}"], "p", time.monotonic() + 10, announced=announcements[k])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    b.close()
+    assert calls == [8]
+    assert all(out[k] == [f"p:r{k}"] for k in range(8))

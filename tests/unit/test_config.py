@@ -16,6 +16,7 @@ def test_values_are_read_and_typed():
             "BLIP2_DTYPE": "bfloat16",
             "BLIP2_MAX_BATCH_SIZE": "32",
             "BLIP2_BATCH_WAIT_MS": "2.5",
+            "BLIP2_BATCH_MAX_WAIT_MS": "40",
             "BLIP2_MAX_IMAGE_MB": "1.5",
             "BLIP2_ALLOW_PRIVATE_URLS": "yes",
             "BLIP2_URL_ALLOWED_HOSTS": "Example.com., .cdn.example.org",
@@ -24,6 +25,7 @@ def test_values_are_read_and_typed():
         }
     )
     assert s.model == "demo" and s.dtype == "bfloat16" and s.max_batch_size == 32 and s.batch_wait_ms == 2.5
+    assert s.batch_max_wait_ms == 40.0 and Settings().batch_max_wait_ms == 50.0
     assert s.images.max_bytes == int(1.5 * 1024 * 1024) and s.images.allow_private_urls
     assert s.images.allowed_hosts == ("example.com", ".cdn.example.org")
     assert s.caps.max_new_tokens == 64 and s.embed_cache_mb == 0
@@ -37,6 +39,7 @@ def test_values_are_read_and_typed():
         ("BLIP2_MAX_BATCH_SIZE", "many"),
         ("BLIP2_BATCH_WAIT_MS", "-1"),
         ("BLIP2_BATCH_WAIT_MS", "nan"),
+        ("BLIP2_BATCH_MAX_WAIT_MS", "-5"),
         ("BLIP2_ALLOW_PRIVATE_URLS", "maybe"),
         ("BLIP2_DEVICE", "tpu"),
         ("BLIP2_MAX_IMAGE_MB", "0"),

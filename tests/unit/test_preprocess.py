@@ -51,3 +51,19 @@ def test_reads_size_and_normalisation_from_the_processor(processor):
     white = fast(Image.new("RGB", (224, 224), (255, 255, 255)))
     expected = (1.0 - torch.tensor(fast.mean)) / torch.tensor(fast.std)
     assert torch.allclose(white[:, 0, 0], expected, atol=1e-6)
+
+
+def test_uint8_rows_normalised_as_a_batch_equal_the_per_image_path(processor):
+    """The service keeps rows as uint8 and normalises the batch later: bit for bit the same pixels."""
+    fast = Preprocessor.from_processor(processor)
+    images = [decode_image(photo(size, seed=i), ImageLimits(), draft=fast.draft_size)
+              for i, size in enumerate([(640, 480), (150, 90), (1920, 1080)])]
+    rows = [fast.resize(im) for im in images]
+    assert all(r.dtype == torch.uint8 and r.shape == (3, 224, 224) for r in rows)
+    batch = fast.normalize(torch.stack(rows))
+    assert batch.dtype == torch.float32
+    for got, im in zip(batch, images):
+        assert torch.equal(got, fast(im))
+    before = rows[0].clone()
+    fast.normalize(rows[0])
+    assert torch.equal(rows[0], before)  # the input is never modified
