@@ -36,6 +36,10 @@ MODELS = {  # TinySizes overrides
     # BLIP-2's balance: the language model dominates (OPT-2.7b vs a 1B ViT, one pass per token);
     # ~80M parameters of OPT whose decode is bound by reading its weights, as on a GPU
     "lm-heavy": {"text_hidden": 1024, "text_layers": 6, "text_heads": 16},
+    # BLIP-2's proportions: vision ~0.37x the language model's parameters (1B vs 2.7B), 257 image
+    # tokens, so one image costs about twice the prefill of a short question, as it does for BLIP-2
+    "blip2-shaped": {"vision_hidden": 512, "vision_layers": 9, "vision_heads": 8, "patch_size": 14,
+                     "qformer_hidden": 128, "text_hidden": 1024, "text_layers": 6, "text_heads": 16},
 }
 PROMPTS = ["Question: what color is the shape? Answer:", "Question: what shape is this? Answer:", ""]
 

@@ -5,14 +5,14 @@ a queue. A single batcher thread takes the oldest, gathers more, keeps together
 those whose parameters match the first, runs them as one model call, and hands
 each request exactly its own answers. ``collect`` is the pure gathering step.
 
-How long to gather: requests announce their rows when they arrive, before their
-images are decoded (``Batcher.announce``). The batcher keeps gathering while
-announced rows are still being prepared, or until ``wait_s`` passes with no new
-arrival, and never longer than ``max_wait_s`` after it took the first job. A
+How long to gather: requests announce themselves as soon as their body is read,
+before it is parsed and its images decoded (``Batcher.announce``). The batcher
+keeps gathering while announced requests are still being prepared, or until
+``wait_s`` passes with no new arrival, and never longer than ``max_wait_s`` after
+it took the first job. A
 fixed short window alone splits a burst of concurrent requests into a tiny batch
 and a big one (the first request is ready while the others are still decoding),
-which costs a whole extra model pass; a lone request does not wait for rows that
-nobody announced.
+which costs a whole extra model pass; a lone request waits only ``wait_s``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def collect(
     ``pending`` holds jobs taken off the queue earlier but not yet run (their params
     differed); it is consulted first and keeps its order. Blocks until a first job
     arrives; then gathers more until ``wait_s`` passes without a new job while
-    ``arriving()`` (rows announced but not yet queued) is 0, or until ``max_wait_s``
+    ``arriving()`` (requests announced but not yet queued) is 0, or until ``max_wait_s``
     (default ``wait_s``) has passed since the first job was taken. Jobs past their
     deadline or abandoned by their caller are dropped.
     """
@@ -97,7 +97,7 @@ def collect(
     started = time.monotonic()
     hard_stop = started + max(wait_s, max_wait_s if max_wait_s is not None else wait_s)
     quiet_until = started + wait_s
-    poll = max(wait_s, 0.001)  # how often to look at arriving() while announced rows are expected
+    poll = max(wait_s, 0.001)  # how often to look at arriving() while announced requests are expected
     while not full():
         now = time.monotonic()
         expected = arriving()
@@ -122,16 +122,17 @@ def collect(
 
 
 class Announcement:
-    """Rows a request will submit once its images are ready; counted until submitted or withdrawn."""
+    """A request on its way to ``submit``: counted as arriving until it is queued or withdrawn."""
 
-    def __init__(self, counter: "_Counter", rows: int):
-        self._counter, self.rows = counter, rows
-        counter.add(rows)
+    def __init__(self, counter: "_Counter"):
+        self._counter, self._open = counter, True
+        counter.add(1)
 
     def withdraw(self) -> None:
-        if self.rows:
-            self._counter.add(-self.rows)
-            self.rows = 0
+        """Stop counting this request (idempotent)."""
+        if self._open:
+            self._open = False
+            self._counter.add(-1)
 
     def __enter__(self) -> "Announcement":
         return self
@@ -161,7 +162,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.max_wait_s = wait_s if max_wait_s is None else max(max_wait_s, wait_s)
-        self.arriving = _Counter()  # rows announced by requests still preparing their images
+        self.arriving = _Counter()  # requests announced but not yet queued (parsing, decoding images)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._pending: deque = deque()
         self._closed = False
@@ -169,9 +170,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="blip2-batcher", daemon=True)
         self._thread.start()
 
-    def announce(self, rows: int) -> Announcement:
-        """Tell the batcher ``rows`` are on their way (use as a context manager around preparation)."""
-        return Announcement(self.arriving, rows)
+    def announce(self) -> Announcement:
+        """Tell the batcher a request is on its way (a context manager around its parsing and decoding)."""
+        return Announcement(self.arriving)
 
     def submit(self, items: Sequence, params, deadline: float, announced: Announcement | None = None) -> list:
         """Block until ``items`` are answered; raises the batch's error or DeadlineExceeded (504).
@@ -183,9 +184,9 @@ class Batcher:
                 announced.withdraw()
             raise NotReady("The server is shutting down; retry on another instance.", code="shutting_down")
         job = Job(items=list(items), params=params, deadline=deadline)
-        self._queue.put(job)
-        if announced is not None:
+        if announced is not None:  # first: a batcher that saw it as arriving must not wait on it once queued
             announced.withdraw()
+        self._queue.put(job)
         if not job.done.wait(timeout=max(deadline - time.monotonic(), 0)):
             job.abandoned = True
             raise _deadline_error()

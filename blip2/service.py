@@ -8,12 +8,14 @@ which is the micro-batcher (several requests share one model batch).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from .batcher import Batcher
+from .batcher import Announcement, Batcher
 from .cache import EmbedCache
 from .config import Settings
 from .engine import Engine, GenItem
@@ -63,27 +65,27 @@ class Service:
     # -- entry points ---------------------------------------------------------------------
     def score_body(self, raw: str | bytes) -> list[dict]:
         """A raw HTTP body -> ``[{"text": ...}, ...]``; raises ServiceError for the client's mistakes."""
-        body = parse_body(raw, self.settings.max_body_bytes)
-        request = parse_request(body, max_rows=self.settings.max_rows, caps=self.settings.caps)
-        return [{"text": text} for text in self.score(request)]
+        # announced from the moment the body is in hand: the batcher waits for it while it is parsed
+        with self.batcher.announce() as announced:
+            body = parse_body(raw, self.settings.max_body_bytes)
+            request = parse_request(body, max_rows=self.settings.max_rows, caps=self.settings.caps)
+            return [{"text": text} for text in self.score(request, announced)]
 
-    def score(self, request: ScoreRequest) -> list[str]:
+    def score(self, request: ScoreRequest, announced: Announcement | None = None) -> list[str]:
         """Answers in row order; the first bad row raises its error (tagged with the row index)."""
-        results = self.score_rows(request.rows, request.params)
+        results = self.score_rows(request.rows, request.params, announced)
         for result in results:
             if isinstance(result, ServiceError):
                 raise result
         return results
 
-    def score_rows(self, rows: tuple[Row, ...] | list[Row], params: GenerationParams) -> list[str | ServiceError]:
+    def score_rows(
+        self, rows: tuple[Row, ...] | list[Row], params: GenerationParams, announced: Announcement | None = None,
+    ) -> list[str | ServiceError]:
         """Answers or per-row errors, in row order: one bad row does not sink the others."""
         deadline = time.monotonic() + self.settings.request_timeout_s
-        # announced first, so the batcher waits for these rows while their images are decoded
-        with self.batcher.announce(len(rows)) as announced:
-            if len(rows) == 1:  # no thread hand-off for the common one-row request
-                prepared = [self._prepare(rows[0])]
-            else:
-                prepared = list(self._pool.map(self._prepare, rows))
+        with announced or self.batcher.announce() as announced:
+            prepared = self._prepare_rows(rows)
             good = [(i, item) for i, item in enumerate(prepared) if isinstance(item, GenItem)]
             results: list[str | ServiceError] = list(prepared)  # errors stay where they are
             if good:
@@ -92,8 +94,35 @@ class Service:
                     results[i] = answer
         return results
 
-    # -- one row --------------------------------------------------------------------------
-    def _prepare(self, row: Row) -> GenItem | ServiceError:
+    # -- rows -----------------------------------------------------------------------------
+    def _map(self, fn, values: list) -> list:
+        """``fn`` over ``values``; in the pool (URL fetches and decodes overlap) unless there is one."""
+        if len(values) <= 1:  # no thread hand-off for the common one-row request
+            return [fn(v) for v in values]
+        return list(self._pool.map(fn, values))
+
+    def _prepare_rows(self, rows) -> list[GenItem | ServiceError]:
+        """Rows -> model-ready items or per-row errors. Each distinct image is decoded once per request."""
+        read = self._map(self._read_row, list(rows))
+        first: dict[str, _Read] = {}  # image hash -> the first row that needs its pixels
+        for r in read:
+            if isinstance(r, _Read) and r.embed is None:
+                first.setdefault(r.key, r)
+        pixels = dict(zip(first, self._map(self._pixels, list(first.values()))))
+        out: list[GenItem | ServiceError] = []
+        for r in read:
+            if isinstance(r, ServiceError):
+                out.append(r)
+            elif r.embed is not None:  # held here, so a later eviction cannot lose it
+                out.append(GenItem(key=r.key, pixels=None, prompt=r.row.prompt, embed=r.embed, prompt_ids=r.prompt_ids))
+            elif isinstance(pixels[r.key], ServiceError):
+                out.append(_for_row(pixels[r.key], r.row.index))
+            else:
+                out.append(GenItem(key=r.key, pixels=pixels[r.key], prompt=r.row.prompt, prompt_ids=r.prompt_ids))
+        return out
+
+    def _read_row(self, row: Row) -> "_Read | ServiceError":
+        """Check the prompt, tokenize it, fetch or decode the image's bytes and hash them."""
         try:
             limit = self.settings.max_prompt_tokens
             if len(row.prompt) > limit * 32:  # no tokenizer makes fewer tokens than that: skip the work
@@ -113,17 +142,44 @@ class Service:
             data = read_image_bytes(row.image, self.settings.images)
             key = hashlib.sha256(data).hexdigest()
             cache = self.engine.cache
-            embed = cache.get(key) if cache is not None else None
-            if embed is not None:  # held here, so a later eviction cannot lose it
-                return GenItem(key=key, pixels=None, prompt=row.prompt, embed=embed, prompt_ids=prompt_ids)
-            image = decode_image(data, self.settings.images, draft=self.preprocessor.draft_size)
-            # uint8: the engine normalises the whole batch on its device
-            return GenItem(key=key, pixels=self.preprocessor.resize(image), prompt=row.prompt, prompt_ids=prompt_ids)
+            return _Read(row, prompt_ids, key, data, cache.get(key) if cache is not None else None)
         except ServiceError as err:
             return err.with_row(row.index)
         except Exception:  # noqa: BLE001 - a row must never take the request down with an internal error
             log.exception("Unexpected failure preparing row %d", row.index)
-            return ServiceError(
-                f"Row {row.index}: the server failed to read this image; retry, or send it in another format.",
-                row=row.index,
-            )
+            return _unreadable(row.index)
+
+    def _pixels(self, r: "_Read"):
+        """Decode and resize one image -> uint8 pixels (the engine normalises whole batches), or the error."""
+        try:
+            image = decode_image(r.data, self.settings.images, draft=self.preprocessor.draft_size)
+            return self.preprocessor.resize(image)
+        except ServiceError as err:
+            return err.with_row(r.row.index)
+        except Exception:  # noqa: BLE001
+            log.exception("Unexpected failure decoding the image of row %d", r.row.index)
+            return _unreadable(r.row.index)
+
+
+@dataclass
+class _Read:
+    row: Row
+    prompt_ids: list[int]
+    key: str  # sha256 of the image bytes
+    data: bytes
+    embed: object | None  # the cached embedding, if there was one
+
+
+def _unreadable(index: int) -> ServiceError:
+    return ServiceError(
+        f"Row {index}: the server failed to read this image; retry, or send it in another format.", row=index,
+    )
+
+
+def _for_row(err: ServiceError, index: int) -> ServiceError:
+    """The error of the row that decoded a shared image, for another row with the same image."""
+    if err.row == index:
+        return err
+    twin = copy.copy(err)
+    twin.row = index
+    return twin

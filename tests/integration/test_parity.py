@@ -82,7 +82,40 @@ def test_static_kv_cache_gives_the_same_greedy_answers(service, tiny_model_dir):
         max_batch_size=4, static_cache=True,
     )
     images = [picture(seed=20 + i) for i in range(len(PROMPTS))]
-    items = [service._prepare(Row(i, b64(img), p.strip())) for i, (img, p) in enumerate(zip(images, PROMPTS))]
+    items = service._prepare_rows([Row(i, b64(img), p.strip()) for i, (img, p) in enumerate(zip(images, PROMPTS))])
     params = GenerationParams(max_new_tokens=10)
     assert static.generate(items, params) == service.engine.generate(items, params)
     assert static._cache_kwargs and not service.engine._cache_kwargs
+
+
+def test_an_image_repeated_in_one_request_is_decoded_once(service, tiny_model_dir, monkeypatch):
+    import blip2.service as service_module
+
+    decoded = []
+    real = service_module.decode_image
+    monkeypatch.setattr(service_module, "decode_image", lambda data, *a, **k: decoded.append(data) or real(data, *a, **k))
+    image, other = picture(seed=901), picture(seed=902)  # seeds no other test uses: not in the cache
+    prompts = PROMPTS[1:5]
+    rows = tuple(Row(i, b64(img), p.strip()) for i, (img, p) in enumerate(zip([image, other, image, image], prompts)))
+    got = service.score(ScoreRequest(rows, GenerationParams(max_new_tokens=6)))
+    assert sorted(decoded) == sorted([image, other])
+    assert got == reference_answers(tiny_model_dir, [image, other, image, image], prompts, 6)
+    assert service.batcher.arriving() == 0
+
+
+def test_a_bad_image_repeated_in_rows_fails_each_row_with_its_own_index(service):
+    bad = b64(b"this is not an image at all")
+    rows = (Row(0, bad, "a"), Row(1, b64(picture(seed=3)), "b"), Row(2, bad, "c"))
+    results = service.score_rows(rows, GenerationParams(max_new_tokens=3))
+    assert [getattr(r, "row", None) for r in results] == [0, None, 2]
+    assert results[0].code == results[2].code == "invalid_image" and isinstance(results[1], str)
+    assert service.batcher.arriving() == 0
+
+
+def test_bodies_that_fail_to_parse_are_not_left_announced(service):
+    from blip2.errors import ServiceError
+
+    for raw in (b"{not json", b'{"input_data": {"columns": ["image", "text"], "index": [0], "data": [[1]]}}'):
+        with pytest.raises(ServiceError):
+            service.score_body(raw)
+    assert service.batcher.arriving() == 0

@@ -170,13 +170,16 @@ def test_collect_never_waits_past_max_wait_for_announced_rows():
 
 def test_announcements_are_withdrawn_on_submit_and_on_failure():
     b = Batcher(echo, max_batch_size=8, wait_s=0)
-    with b.announce(2) as announced:
+    with b.announce() as announced, b.announce():
         assert b.arriving() == 2
         assert b.submit(["a", "b"], "p", time.monotonic() + 5, announced=announced) == ["p:a", "p:b"]
-        assert b.arriving() == 0
+        assert b.arriving() == 1
+        announced.withdraw()  # idempotent
+        assert b.arriving() == 1
+    assert b.arriving() == 0
     with pytest.raises(RuntimeError):
-        with b.announce(3):
-            assert b.arriving() == 3
+        with b.announce():
+            assert b.arriving() == 1
             raise RuntimeError("preparing the rows failed")
     assert b.arriving() == 0
     b.close()
@@ -191,7 +194,7 @@ def test_a_burst_of_announced_requests_shares_one_batch():
         return echo(items, params)
 
     b = Batcher(run, max_batch_size=16, wait_s=0.005, max_wait_s=2.0)
-    announcements = [b.announce(1) for _ in range(8)]
+    announcements = [b.announce() for _ in range(8)]
     out = {}
 
     def client(k):
