@@ -6,7 +6,8 @@ those whose parameters match the first, runs them as one model call, and hands
 each request exactly its own answers. ``collect`` is the pure gathering step.
 
 How long to gather: requests announce themselves as soon as their body is read,
-before it is parsed and its images decoded (``Batcher.announce``). The batcher
+before it is parsed and its images decoded (``Batcher.announce``); a request whose
+images are URLs is not counted while they are fetched, which can take seconds. The batcher
 keeps gathering while announced requests are still being prepared, or until
 ``wait_s`` passes with no new arrival, and never longer than ``max_wait_s`` after
 it took the first job. A

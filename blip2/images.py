@@ -66,6 +66,11 @@ def _too_many_pixels(cap: int, size: tuple[int, int] | None = None) -> PayloadTo
                            "Resize it before sending.", code="image_too_large")
 
 
+def is_url(ref: object) -> bool:
+    """Whether a row's image cell names a URL (to be fetched) rather than carrying base64."""
+    return isinstance(ref, str) and _URL_RE.match(ref.strip()) is not None
+
+
 def read_image_bytes(ref: str, limits: ImageLimits) -> bytes:
     """A row's image cell -> encoded image bytes (not yet decoded).
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from .batcher import Announcement, Batcher
@@ -20,7 +21,7 @@ from .cache import EmbedCache
 from .config import Settings
 from .engine import Engine, GenItem
 from .errors import PayloadTooLarge, ServiceError
-from .images import decode_image, read_image_bytes
+from .images import decode_image, is_url, read_image_bytes
 from .params import GenerationParams
 from .payload import Row, ScoreRequest, parse_body, parse_request
 from .preprocess import Preprocessor
@@ -84,8 +85,15 @@ class Service:
     ) -> list[str | ServiceError]:
         """Answers or per-row errors, in row order: one bad row does not sink the others."""
         deadline = time.monotonic() + self.settings.request_timeout_s
-        with announced or self.batcher.announce() as announced:
-            prepared = self._prepare_rows(rows)
+        with ExitStack() as stack:
+            announced = stack.enter_context(announced or self.batcher.announce())
+            fetching = any(is_url(row.image) for row in rows)
+            if fetching:  # a URL fetch can take seconds: the batcher must not hold a batch for it
+                announced.withdraw()
+            read = self._read_rows(rows)
+            if fetching:  # the bytes are here; decoding is quick
+                announced = stack.enter_context(self.batcher.announce())
+            prepared = self._decode_rows(read)
             good = [(i, item) for i, item in enumerate(prepared) if isinstance(item, GenItem)]
             results: list[str | ServiceError] = list(prepared)  # errors stay where they are
             if good:
@@ -103,7 +111,12 @@ class Service:
 
     def _prepare_rows(self, rows) -> list[GenItem | ServiceError]:
         """Rows -> model-ready items or per-row errors. Each distinct image is decoded once per request."""
-        read = self._map(self._read_row, list(rows))
+        return self._decode_rows(self._read_rows(rows))
+
+    def _read_rows(self, rows) -> list["_Read | ServiceError"]:
+        return self._map(self._read_row, list(rows))
+
+    def _decode_rows(self, read: list["_Read | ServiceError"]) -> list[GenItem | ServiceError]:
         first: dict[str, _Read] = {}  # image hash -> the first row that needs its pixels
         for r in read:
             if isinstance(r, _Read) and r.embed is None:

@@ -1,0 +1,84 @@
+"""The service's side of micro-batching: announcements, and what the batcher may wait for."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+import blip2.service as service_module
+from blip2.config import Settings
+from blip2.params import GenerationParams
+from blip2.payload import Row, ScoreRequest
+from blip2.service import Service
+from support import b64, picture
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir):
+    settings = Settings.from_env({
+        "BLIP2_MODEL": str(tiny_model_dir), "BLIP2_WARMUP": "0",
+        "BLIP2_BATCH_WAIT_MS": "5", "BLIP2_BATCH_MAX_WAIT_MS": "3000",  # a long cap, so waiting would show
+    })
+    svc = Service.from_settings(settings)
+    yield svc
+    svc.close()
+
+
+def test_a_slow_url_fetch_does_not_hold_other_requests(service, monkeypatch):
+    release, fetching = threading.Event(), threading.Event()
+    image = picture(seed=5)
+    real = service_module.read_image_bytes
+
+    def slow_fetch(ref, limits):
+        if ref.startswith("https://"):
+            fetching.set()
+            release.wait(10)
+            return image
+        return real(ref, limits)
+
+    monkeypatch.setattr(service_module, "read_image_bytes", slow_fetch)
+    params = GenerationParams(max_new_tokens=3)
+    out = {}
+    slow = threading.Thread(target=lambda: out.setdefault("url", service.score(
+        ScoreRequest((Row(0, "https://images.example.com/cat.png", "hi"),), params))))
+    slow.start()
+    assert fetching.wait(5)
+    assert service.batcher.arriving() == 0  # not counted while its bytes are on their way
+    started = time.monotonic()
+    fast = service.score(ScoreRequest((Row(0, b64(picture(seed=6)), "hi"),), params))
+    assert time.monotonic() - started < 1.5  # far below the 3 s cap it would otherwise wait for
+    release.set()
+    slow.join(10)
+    assert isinstance(fast[0], str) and isinstance(out["url"][0], str)
+    assert service.batcher.arriving() == 0
+
+
+def test_requests_arriving_together_share_one_batch(service, monkeypatch):
+    """Eight requests arriving 10 ms apart, each 40 ms decoding its image, become one model batch.
+
+    With only the 5 ms quiet window, the first would run alone: the next is queued 10 ms later.
+    """
+    real = service_module.decode_image
+    monkeypatch.setattr(service_module, "decode_image", lambda *a, **k: time.sleep(0.04) or real(*a, **k))
+    before = service.batcher.batches_run
+    images = [b64(picture(seed=40 + i)) for i in range(8)]
+    answers = {}
+
+    def client(i):
+        time.sleep(0.01 * i)
+        answers[i] = service.score_body(json.dumps({
+            "input_data": {"columns": ["image", "text"], "index": [0], "data": [[images[i], "hi"]]},
+            "parameters": {"max_new_tokens": 3},
+        }))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(answers) == 8 and all(isinstance(a[0]["text"], str) for a in answers.values())
+    assert service.batcher.batches_run - before == 1
+    assert service.batcher.arriving() == 0
