@@ -5,7 +5,8 @@ resampling, rescales to [0, 1] and normalises with the CLIP mean and std. This
 does the same with one Pillow resize and a few tensor ops, without the
 processor's per-call overhead. The service keeps each row as uint8 after the
 resize and normalises the whole batch at once on the model's device
-(``resize`` and ``normalize``), so request threads run no torch kernels. Big JPEGs are decoded in draft mode (DCT scaling
+(``resize`` and ``normalize``), so request threads run no torch kernels.
+Big JPEGs are decoded in draft mode (DCT scaling
 by 1/2, 1/4 or 1/8) to no less than 1.5x the model's input on each axis, which
 cuts a 12-megapixel decode several times over; other huge images are first
 shrunk by box-averaging (Pillow's ``reducing_gap``) to no less than twice the
