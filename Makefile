@@ -7,7 +7,11 @@ THREADS ?= 16
 # The CPU build of torch that this project installs by default; set TORCH_SPEC= to keep yours.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install serve demo test test-slow bench clean
+# The oldest transformers the engine supports (the GPU machine's), for `make test-compat`.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TRANSFORMERS ?= transformers==5.17.0
+
+.PHONY: install serve demo test test-slow test-compat bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +37,18 @@ test: install
 test-slow: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
+# The engine side of the suite on $(COMPAT_TRANSFORMERS), without the Azure inference server
+# (as on a GPU machine): the tests that need azmlinfsrv or the test-only tools skip.
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[engine]" "$(COMPAT_TRANSFORMERS)" "pytest>=8" "hypothesis>=6.100"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	HF_HUB_OFFLINE=1 BLIP2_TESTS_ENGINE_ONLY=1 $(COMPAT_VENV)/bin/python -m pytest -q
+
 # The CPU benchmarks (each prints a ratio against its baseline); see bench/RESULTS.md.
 bench: install
 	$(PY) bench/preprocess.py
@@ -40,4 +56,4 @@ bench: install
 	$(PY) bench/serve.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .hypothesis

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import requests
 
+from support import require_inference_server
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model_dir, log_path: Path, extra_env: dict | None = None, threads: int = 8):
+        require_inference_server()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

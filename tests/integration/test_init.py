@@ -6,12 +6,15 @@ import shutil
 
 import pytest
 
-import score
 from blip2.config import Settings
 from blip2.model import ModelNotFound, find_blip2_folder, locate
+from support import require_inference_server
 
 
 def test_init_from_azureml_model_dir_nested(tiny_model_dir, tmp_path, monkeypatch):
+    require_inference_server()
+    import score
+
     nested = tmp_path / "registered" / "blip2-opt-2.7b" / "snapshot"
     shutil.copytree(tiny_model_dir, nested)
     (tmp_path / "registered" / "README.txt").write_text("not a model")
