@@ -56,6 +56,7 @@ class Settings:
     max_prompt_tokens: int = 256  # BLIP2_MAX_PROMPT_TOKENS
     warmup: bool = True  # BLIP2_WARMUP=0 skips the warm-up batch
     static_cache: bool = False  # BLIP2_STATIC_CACHE=1: static KV cache (on CUDA transformers also compiles decode)
+    fast_greedy: bool = True  # BLIP2_FAST_GREEDY=0: greedy requests use transformers' generate, not our loop
     images: ImageLimits = field(default_factory=ImageLimits)
     caps: ParamCaps = field(default_factory=ParamCaps)
 
@@ -99,6 +100,7 @@ class Settings:
             max_prompt_tokens=r.integer("BLIP2_MAX_PROMPT_TOKENS", cls.max_prompt_tokens, lo=1),
             warmup=r.flag("BLIP2_WARMUP", True),
             static_cache=r.flag("BLIP2_STATIC_CACHE", False),
+            fast_greedy=r.flag("BLIP2_FAST_GREEDY", True),
             images=images,
             caps=caps,
         )

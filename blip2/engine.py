@@ -1,10 +1,12 @@
-"""Batched BLIP-2 generation: image embeddings (cached per image) + OPT generate.
+"""Batched BLIP-2 generation: image embeddings (cached per image) + OPT decoding.
 
 Knows nothing of HTTP. ``Engine.generate`` takes rows that already carry their
 preprocessed pixels (or a cache key that hits) and returns one answer per row,
 computed in batches of at most ``max_batch_size`` with left padding, the prompt
 sliced off and surrounding whitespace stripped. It reproduces what
 ``Blip2ForConditionalGeneration.generate`` does for one row, for whole batches.
+Plain greedy requests decode in ``GreedyDecoder``'s short loop; everything else
+(beams, sampling, penalties, the static cache) goes through transformers' ``generate``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from .cache import EmbedCache
 from .errors import ServiceError
+from .greedy import GreedyDecoder
 from .params import GenerationParams
 from .preprocess import Preprocessor
 
@@ -42,7 +45,7 @@ class RowTooLarge(ServiceError):
 class Engine:
     def __init__(
         self, model, processor, *, device, dtype, max_batch_size: int = 16, cache: EmbedCache | None = None,
-        static_cache: bool = False,
+        static_cache: bool = False, fast_greedy: bool = True,
     ):
         self.model = model
         self.processor = processor
@@ -55,6 +58,9 @@ class Engine:
         # A static KV cache keeps decode shapes fixed; on CUDA transformers then compiles the
         # decode step. Greedy answers are the same as with the dynamic cache (tested).
         self._cache_kwargs = {"cache_implementation": "static"} if static_cache else {}
+        # plain greedy requests skip generate's per-step machinery (same tokens, tested); not with a static cache
+        self.greedy = GreedyDecoder(model.language_model, processor.tokenizer.pad_token_id)
+        self.fast_greedy = fast_greedy and not static_cache
         config = model.config
         self.image_token_id = config.image_token_index
         self.num_query_tokens = config.num_query_tokens
@@ -140,22 +146,29 @@ class Engine:
             log.warning("Out of memory on a batch of %d rows; retrying as %d + %d", len(items), half, len(items) - half)
             return self._generate_splitting(items[:half], params) + self._generate_splitting(items[half:], params)
 
-    def _generate_batch(self, items: list[GenItem], params: GenerationParams) -> list[str]:
+    def lm_inputs(self, items: list[GenItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, inputs_embeds) of the batch, image embeddings in place of the image tokens."""
         image_inputs = self._image_inputs(items)
         input_ids, attention_mask = self._pack(items)
-        embedding = self.model.get_input_embeddings()
-        inputs_embeds = embedding(input_ids)
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)
         image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
         inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_inputs.to(inputs_embeds.dtype))
-        output = self.model.language_model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            input_ids=input_ids,
-            pad_token_id=self.pad_id,
-            **self._cache_kwargs,
-            **params.generate_kwargs(),
-        )
-        new_tokens = output[:, input_ids.shape[1] :]
+        return input_ids, attention_mask, inputs_embeds
+
+    def _generate_batch(self, items: list[GenItem], params: GenerationParams) -> list[str]:
+        input_ids, attention_mask, inputs_embeds = self.lm_inputs(items)
+        if self.fast_greedy and self.greedy.handles(params):
+            new_tokens = self.greedy(inputs_embeds, attention_mask, params.max_new_tokens, params.min_new_tokens)
+        else:
+            output = self.model.language_model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                input_ids=input_ids,
+                pad_token_id=self.pad_id,
+                **self._cache_kwargs,
+                **params.generate_kwargs(),
+            )
+            new_tokens = output[:, input_ids.shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]
 

@@ -52,6 +52,7 @@ class Service:
         engine = Engine(
             loaded.model, loaded.processor, device=loaded.device, dtype=loaded.dtype,
             max_batch_size=settings.max_batch_size, cache=cache, static_cache=settings.static_cache,
+            fast_greedy=settings.fast_greedy,
         )
         if settings.warmup:
             started = time.perf_counter()

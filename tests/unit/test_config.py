@@ -22,6 +22,7 @@ def test_values_are_read_and_typed():
             "BLIP2_URL_ALLOWED_HOSTS": "Example.com., .cdn.example.org",
             "BLIP2_MAX_NEW_TOKENS_CAP": "64",
             "BLIP2_EMBED_CACHE_MB": "0",
+            "BLIP2_FAST_GREEDY": "0",
         }
     )
     assert s.model == "demo" and s.dtype == "bfloat16" and s.max_batch_size == 32 and s.batch_wait_ms == 2.5
@@ -29,6 +30,7 @@ def test_values_are_read_and_typed():
     assert s.images.max_bytes == int(1.5 * 1024 * 1024) and s.images.allow_private_urls
     assert s.images.allowed_hosts == ("example.com", ".cdn.example.org")
     assert s.caps.max_new_tokens == 64 and s.embed_cache_mb == 0
+    assert not s.fast_greedy and Settings.from_env({}).fast_greedy
 
 
 @pytest.mark.parametrize(
@@ -41,6 +43,7 @@ def test_values_are_read_and_typed():
         ("BLIP2_BATCH_WAIT_MS", "nan"),
         ("BLIP2_BATCH_MAX_WAIT_MS", "-5"),
         ("BLIP2_ALLOW_PRIVATE_URLS", "maybe"),
+        ("BLIP2_FAST_GREEDY", "fast"),
         ("BLIP2_DEVICE", "tpu"),
         ("BLIP2_MAX_IMAGE_MB", "0"),
     ],

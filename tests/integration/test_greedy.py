@@ -1,0 +1,172 @@
+"""The engine's own greedy loop returns exactly the tokens of transformers' ``generate``.
+
+Compared token for token on left-padded batches of mixed prompt lengths: on a tiny
+random model (rows never end early, so an end token is also forced mid-batch), and on
+the demo model, whose rows end at different steps on their own.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from blip2.config import Settings
+from blip2.engine import Engine, GenItem
+from blip2.greedy import GreedyDecoder
+from blip2.model import load
+from blip2.params import GenerationParams
+from blip2 import shapes
+
+PROMPTS = [
+    "",
+    "Question: what color is the shape? Answer:",
+    "x",
+    "Question: how many people are sitting at the long wooden table near the window? Answer:",
+    "Question: what shape is this? Answer:",
+]
+
+
+def make_engine(model_dir, **kwargs) -> Engine:
+    loaded = load(Settings.from_env({"BLIP2_MODEL": str(model_dir)}))
+    return Engine(loaded.model, loaded.processor, device=loaded.device, dtype=loaded.dtype, max_batch_size=8, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return make_engine(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return make_engine("demo")
+
+
+def items_for(engine: Engine, images, prompts) -> list[GenItem]:
+    pixels = engine.preprocess(images)
+    return [GenItem(key=f"img-{i}", pixels=pixels[i], prompt=p) for i, p in enumerate(prompts)]
+
+
+def tiny_items(engine: Engine) -> list[GenItem]:
+    rng = random.Random(3)
+    images = [shapes.sample(rng, (120, 90))[0] for _ in PROMPTS]
+    return items_for(engine, images, PROMPTS)
+
+
+def both(engine: Engine, items, max_new_tokens: int, min_new_tokens: int = 0, eos=None):
+    """(generate's new tokens, the loop's new tokens), trailing all-pad columns dropped from both."""
+    lm = engine.model.language_model
+    with torch.inference_mode():
+        input_ids, mask, embeds = engine.lm_inputs(items)
+        extra = {} if eos is None else {"eos_token_id": eos}
+        out = lm.generate(
+            inputs_embeds=embeds, attention_mask=mask, input_ids=input_ids, pad_token_id=engine.pad_id,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False, num_beams=1, **extra,
+        )
+        decoder = engine.greedy
+        if eos is not None:
+            decoder = GreedyDecoder(lm, engine.pad_id)
+            decoder.eos = torch.tensor([eos])
+        mine = decoder(embeds, mask, max_new_tokens, min_new_tokens)
+    return strip_pad(out[:, input_ids.shape[1]:], engine.pad_id), strip_pad(mine, engine.pad_id)
+
+
+class LoopMustNotRun:
+    """Stands in for an engine's GreedyDecoder: same ``handles``, but fails the test if called."""
+
+    def __init__(self, real: GreedyDecoder):
+        self.handles = real.handles
+
+    def __call__(self, *args, **kwargs):
+        pytest.fail("this request must go to generate, not the greedy loop")
+
+
+def strip_pad(tokens: torch.Tensor, pad: int) -> list[list[int]]:
+    rows = tokens.tolist()
+    width = len(rows[0])
+    while width and all(row[width - 1] == pad for row in rows):
+        width -= 1
+    return [row[:width] for row in rows]
+
+
+@pytest.mark.parametrize("max_new_tokens,min_new_tokens", [(1, 0), (7, 0), (12, 5)])
+def test_tiny_model_same_tokens_as_generate(tiny, max_new_tokens, min_new_tokens):
+    want, got = both(tiny, tiny_items(tiny), max_new_tokens, min_new_tokens)
+    assert got == want
+    assert len({tuple(row) for row in want}) > 1  # rows differ: a row paired with another's inputs would show
+    assert all(len(row) == max_new_tokens for row in want)
+
+
+def test_rows_that_end_at_different_steps_get_pad_after_their_end(tiny):
+    items = tiny_items(tiny)
+    free, _ = both(tiny, items, 10)
+    # make a token the rows emit at different steps (or not at all) the end token
+    def first_steps(t):
+        return {row.index(t) if t in row else None for row in free}
+
+    eos = max((t for row in free for t in row[1:] if t != tiny.pad_id), key=lambda t: len(first_steps(t)))
+    want, got = both(tiny, items, 10, eos=eos)
+    assert got == want
+    ends = [row.index(eos) if eos in row else None for row in want]
+    assert len(set(ends)) > 1 and any(end is not None and end < 9 for end in ends)
+    for row, end in zip(got, ends):
+        if end is not None:
+            assert all(t == tiny.pad_id for t in row[end + 1 :])
+
+
+def test_demo_model_rows_end_on_their_own_and_match_generate(demo):
+    rng = random.Random(11)
+    samples = [shapes.sample(rng, (160, 120)) for _ in range(6)]
+    prompts = [list(shapes.QUESTIONS.values())[i % len(shapes.QUESTIONS)] for i in range(6)]
+    items = items_for(demo, [s[0] for s in samples], prompts)
+    want, got = both(demo, items, 20)
+    assert got == want
+    newline = demo.model.config.text_config.eos_token_id
+    assert all(newline in row for row in want) and len({row.index(newline) for row in want}) > 1
+    # forced past the end token, every row runs the full length, again as generate does
+    want, got = both(demo, items, 8, min_new_tokens=8)
+    assert got == want and all(len(row) == 8 for row in want)
+
+
+def test_engine_answers_equal_with_the_loop_and_with_generate(demo, monkeypatch):
+    rng = random.Random(5)
+    samples = [shapes.sample(rng, (128, 128)) for _ in range(5)]
+    prompts = [list(shapes.QUESTIONS.values())[i % len(shapes.QUESTIONS)] for i in range(5)]
+    items = items_for(demo, [s[0] for s in samples], prompts)
+    params = GenerationParams(max_new_tokens=12)
+    lm = demo.model.language_model
+    real_generate = lm.generate
+    monkeypatch.setattr(lm, "generate", lambda *a, **k: pytest.fail("greedy rows must not reach generate"))
+    fast = demo.generate(items, params)
+    monkeypatch.setattr(lm, "generate", real_generate)
+    slow = make_engine("demo", fast_greedy=False)
+    monkeypatch.setattr(slow, "greedy", LoopMustNotRun(slow.greedy))
+    assert slow.generate(items, params) == fast
+    assert fast == [shapes.expected(kind, color, shape) for kind, (_, color, shape) in zip(
+        [list(shapes.QUESTIONS)[i % len(shapes.QUESTIONS)] for i in range(5)], samples)]
+
+
+@pytest.mark.parametrize("params", [
+    GenerationParams(num_beams=2), GenerationParams(do_sample=True), GenerationParams(repetition_penalty=1.3),
+    GenerationParams(no_repeat_ngram_size=2),
+])
+def test_other_decoding_goes_to_generate(tiny, params, monkeypatch):
+    assert not tiny.greedy.handles(params)
+    monkeypatch.setattr(tiny, "greedy", LoopMustNotRun(tiny.greedy))
+    answers = tiny.generate(tiny_items(tiny)[:2], GenerationParams(**{**params.__dict__, "max_new_tokens": 3}))
+    assert len(answers) == 2
+
+
+def test_a_generation_config_with_processors_falls_back(tiny_model_dir):
+    engine = make_engine(tiny_model_dir)
+    assert engine.greedy.handles(GenerationParams()) and engine.greedy.blockers == []
+    engine.model.language_model.generation_config.repetition_penalty = 1.2
+    decoder = GreedyDecoder(engine.model.language_model, engine.pad_id)
+    assert decoder.blockers == ["repetition_penalty"] and not decoder.handles(GenerationParams())
+
+
+def test_static_cache_keeps_generate(tiny_model_dir):
+    assert make_engine(tiny_model_dir).fast_greedy
+    assert not make_engine(tiny_model_dir, static_cache=True).fast_greedy
+    assert not make_engine(tiny_model_dir, fast_greedy=False).fast_greedy
