@@ -13,7 +13,9 @@ keeps gathering while announced requests are still being prepared, or until
 it took the first job. A
 fixed short window alone splits a burst of concurrent requests into a tiny batch
 and a big one (the first request is ready while the others are still decoding),
-which costs a whole extra model pass; a lone request waits only ``wait_s``.
+which costs a whole extra model pass; a lone request waits only ``wait_s``, and
+not even that while requests come one at a time: the quiet window applies only
+while requests have lately come in together (``Batcher._window``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Job:
 def collect(
     source: "queue.Queue[Job]", pending: deque, max_rows: int, wait_s: float,
     max_wait_s: float | None = None, arriving: Callable[[], int] = lambda: 0,
+    window: Callable[[bool], float] | None = None,
 ) -> list[Job]:
     """Gather one batch: the oldest job plus later ones with equal params, up to ``max_rows`` rows.
 
@@ -58,9 +61,12 @@ def collect(
     differed); it is consulted first and keeps its order. Blocks until a first job
     arrives; then gathers more until ``wait_s`` passes without a new job while
     ``arriving()`` (requests announced but not yet queued) is 0, or until ``max_wait_s``
-    (default ``wait_s``) has passed since the first job was taken. Jobs past their
-    deadline or abandoned by their caller are dropped.
+    (default ``wait_s``) has passed since the first job was taken. ``window``, if
+    given, replaces ``wait_s`` once the first job is in hand: it is called with whether
+    that job was already waiting when ``collect`` began (it queued behind an earlier
+    batch). Jobs past their deadline or abandoned by their caller are dropped.
     """
+    queued_before = bool(pending) or not source.empty()
     def usable(job: Job) -> bool:
         if job.abandoned:
             return False
@@ -95,6 +101,8 @@ def collect(
         if usable(job) and not take(job):
             kept.append(job)
     pending.extendleft(reversed(kept))
+    if window is not None:
+        wait_s = window(queued_before)
     started = time.monotonic()
     hard_stop = started + max(wait_s, max_wait_s if max_wait_s is not None else wait_s)
     quiet_until = started + wait_s
@@ -158,12 +166,16 @@ class _Counter:
 class Batcher:
     def __init__(
         self, run_batch: RunBatch, max_batch_size: int = 16, wait_s: float = 0.005, max_wait_s: float | None = None,
+        company_horizon_s: float = 1.0,
     ):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.max_wait_s = wait_s if max_wait_s is None else max(max_wait_s, wait_s)
         self.arriving = _Counter()  # requests announced but not yet queued (parsing, decoding images)
+        # the quiet window is kept only while requests have lately come in together (see _window)
+        self.company_horizon_s = company_horizon_s
+        self._company_at = float("-inf")
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._pending: deque = deque()
         self._closed = False
@@ -204,12 +216,29 @@ class Batcher:
         while True:
             batch = collect(
                 self._queue, self._pending, self.max_batch_size, self.wait_s, self.max_wait_s, self.arriving,
+                window=self._window,
             )
             if not batch:
                 break
+            if len(batch) > 1:
+                self._company_at = time.monotonic()
             self._run(batch)
         for job in list(self._pending):
             job.finish(error=NotReady("The server is shutting down; retry.", code="shutting_down"))
+
+    def _window(self, queued_behind_a_batch: bool) -> float:
+        """The quiet window for the batch being gathered: ``wait_s``, or 0 for a lone client.
+
+        Requests have company when a batch held several of them, or when one had to
+        queue while an earlier batch ran, within the last ``company_horizon_s``. Then
+        waiting a few ms lets the next one join. A client that sends one request at a
+        time would only lose those ms on every request, so then the batch starts at
+        once (announced requests are still waited for).
+        """
+        now = time.monotonic()
+        if queued_behind_a_batch:
+            self._company_at = now
+        return self.wait_s if now - self._company_at <= self.company_horizon_s else 0.0
 
     def _run(self, batch: list[Job]) -> None:
         items = [item for job in batch for item in job.items]

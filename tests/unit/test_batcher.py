@@ -209,3 +209,87 @@ def test_a_burst_of_announced_requests_shares_one_batch():
     b.close()
     assert calls == [8]
     assert all(out[k] == [f"p:r{k}"] for k in range(8))
+
+
+def test_collect_asks_window_whether_the_first_job_queued_behind_a_batch():
+    seen = []
+
+    def window(queued_before):
+        seen.append(queued_before)
+        return 0.0
+
+    q = queue.Queue()
+    q.put(job(1))
+    collect(q, deque(), max_rows=8, wait_s=1.0, window=window)  # already queued: it waited
+    threading.Timer(0.05, q.put, args=(job(1),)).start()
+    started = time.monotonic()
+    collect(q, deque(), max_rows=8, wait_s=1.0, window=window)  # arrives while collect blocks
+    assert seen == [True, False]
+    assert time.monotonic() - started < 0.5  # the window's 0 replaced wait_s
+
+
+class Recorder:
+    """run_batch that records each batch's rows and can be slowed down."""
+
+    def __init__(self, delay_s=0.0):
+        self.batches, self.delay_s = [], delay_s
+
+    def __call__(self, items, params):
+        self.batches.append(list(items))
+        time.sleep(self.delay_s)
+        return echo(items, params)
+
+
+def test_a_client_sending_one_request_at_a_time_is_not_held_for_the_window():
+    b = Batcher(Recorder(), max_batch_size=8, wait_s=0.5)
+    try:
+        for k in range(4):
+            started = time.monotonic()
+            assert b.submit([f"r{k}"], "p", time.monotonic() + 5) == [f"p:r{k}"]
+            assert time.monotonic() - started < 0.25  # not the 0.5 s window
+    finally:
+        b.close()
+
+
+def test_after_requests_came_together_the_window_holds_the_batch_for_the_next_one():
+    run = Recorder(delay_s=0.2)
+    b = Batcher(run, max_batch_size=8, wait_s=0.3, company_horizon_s=5.0)
+    out = {}
+
+    def client(name, delay):
+        time.sleep(delay)
+        out[name] = b.submit([name], "p", time.monotonic() + 10)
+
+    # a runs alone; b queues behind it, so its batch keeps the window open and c (sent as a's
+    # answer comes back, like a second client in step with the first) joins it
+    threads = [threading.Thread(target=client, args=args) for args in (("a", 0), ("b", 0.05), ("c", 0.3))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    b.close()
+    assert run.batches == [["a"], ["b", "c"]]
+    assert out == {"a": ["p:a"], "b": ["p:b"], "c": ["p:c"]}
+
+
+def test_the_window_lapses_once_requests_stop_coming_together():
+    run = Recorder()
+    b = Batcher(run, max_batch_size=8, wait_s=0.5, company_horizon_s=0.2)
+    try:
+        with b.announce() as first, b.announce() as second:  # two requests together: one batch
+            threads = [threading.Thread(target=b.submit, args=([n], "p", time.monotonic() + 5), kwargs={"announced": a})
+                       for n, a in (("x", first), ("y", second))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        assert [sorted(batch) for batch in run.batches] == [["x", "y"]]
+        started = time.monotonic()
+        b.submit(["soon"], "p", time.monotonic() + 5)  # within the horizon: held for company
+        assert time.monotonic() - started >= 0.4
+        time.sleep(0.3)
+        started = time.monotonic()
+        b.submit(["later"], "p", time.monotonic() + 5)  # past the horizon: runs at once
+        assert time.monotonic() - started < 0.25
+    finally:
+        b.close()
