@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=3)
     args = parser.parse_args(argv)
 
+    from blip2 import modelthread
     from blip2.config import Settings
     from blip2.params import GenerationParams
     from blip2.payload import Row, ScoreRequest
@@ -56,7 +57,8 @@ def main(argv=None) -> None:
     from blip2.tiny import TinySizes, make_tiny_blip2
 
     sizes = TinySizes(vision_hidden=384, vision_layers=6, vision_heads=6, patch_size=14, qformer_hidden=128, text_hidden=64)
-    folder = make_tiny_blip2(tempfile.mkdtemp(prefix="bench-cache-") + "/model", sizes)
+    # built on the model thread, as in the server, where the main thread runs no torch work
+    folder = modelthread.run(make_tiny_blip2, tempfile.mkdtemp(prefix="bench-cache-") + "/model", sizes)
     service = Service.from_settings(Settings.from_env({"BLIP2_MODEL": str(folder), "BLIP2_WARMUP": "1", "BLIP2_MAX_BATCH_SIZE": "8"}))
     params = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     seeds = iter(range(10**6))

@@ -19,6 +19,7 @@ import torch
 
 from .cache import EmbedCache
 from .errors import ServiceError
+from . import modelthread
 from .greedy import GreedyDecoder
 from .params import GenerationParams
 from .preprocess import Preprocessor
@@ -124,7 +125,13 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, items: list[GenItem], params: GenerationParams) -> list[str]:
-        """Answers for ``items`` in order, in chunks of ``max_batch_size``; CUDA OOM splits a chunk."""
+        """Answers for ``items`` in order, in chunks of ``max_batch_size``; CUDA OOM splits a chunk.
+
+        Runs on the process's model thread (``blip2.modelthread``), whichever thread calls it.
+        """
+        return modelthread.run(self._generate_chunks, items, params)
+
+    def _generate_chunks(self, items: list[GenItem], params: GenerationParams) -> list[str]:
         answers: list[str] = []
         for start in range(0, len(items), self.max_batch_size):
             answers.extend(self._generate_splitting(items[start : start + self.max_batch_size], params))

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from . import modelthread
 from .batcher import Announcement, Batcher
 from .cache import EmbedCache
 from .config import Settings
@@ -45,20 +46,8 @@ class Service:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Service":
         """Load the model named by ``settings``, warm it up and start the batcher."""
-        from . import model as model_loader
-
-        loaded = model_loader.load(settings)
-        cache = EmbedCache(settings.embed_cache_mb * 1024 * 1024) if settings.embed_cache_mb > 0 else None
-        engine = Engine(
-            loaded.model, loaded.processor, device=loaded.device, dtype=loaded.dtype,
-            max_batch_size=settings.max_batch_size, cache=cache, static_cache=settings.static_cache,
-            fast_greedy=settings.fast_greedy,
-        )
-        if settings.warmup:
-            started = time.perf_counter()
-            engine.warm_up()
-            log.info("Warm-up batch of %d rows took %.2f s", settings.max_batch_size, time.perf_counter() - started)
-        return cls(settings, engine)
+        # all of it on the thread that runs every batch: one OpenMP team on the CPU (see modelthread)
+        return cls(settings, modelthread.run(_load_engine, settings))
 
     def close(self) -> None:
         self.batcher.close()
@@ -173,6 +162,23 @@ class Service:
         except Exception:  # noqa: BLE001
             log.exception("Unexpected failure decoding the image of row %d", r.row.index)
             return _unreadable(r.row.index)
+
+
+def _load_engine(settings: Settings) -> Engine:
+    from . import model as model_loader
+
+    loaded = model_loader.load(settings)
+    cache = EmbedCache(settings.embed_cache_mb * 1024 * 1024) if settings.embed_cache_mb > 0 else None
+    engine = Engine(
+        loaded.model, loaded.processor, device=loaded.device, dtype=loaded.dtype,
+        max_batch_size=settings.max_batch_size, cache=cache, static_cache=settings.static_cache,
+        fast_greedy=settings.fast_greedy,
+    )
+    if settings.warmup:
+        started = time.perf_counter()
+        engine.warm_up()
+        log.info("Warm-up batch of %d rows took %.2f s", settings.max_batch_size, time.perf_counter() - started)
+    return engine
 
 
 @dataclass

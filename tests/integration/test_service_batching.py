@@ -82,3 +82,25 @@ def test_requests_arriving_together_share_one_batch(service, monkeypatch):
     assert len(answers) == 8 and all(isinstance(a[0]["text"], str) for a in answers.values())
     assert service.batcher.batches_run - before == 1
     assert service.batcher.arriving() == 0
+
+
+def test_loading_warm_up_and_batches_all_run_on_the_model_thread(tiny_model_dir, monkeypatch):
+    from blip2 import model as model_loader
+    from blip2.engine import Engine
+
+    names = []
+    real_load, real_batch = model_loader.load, Engine._generate_batch
+    monkeypatch.setattr(model_loader, "load", lambda s: names.append(("load", threading.current_thread().name)) or real_load(s))
+
+    def batch(self, items, params):
+        names.append(("batch", threading.current_thread().name))
+        return real_batch(self, items, params)
+
+    monkeypatch.setattr(Engine, "_generate_batch", batch)
+    svc = Service.from_settings(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_MAX_BATCH_SIZE": "2"}))
+    try:
+        svc.score(ScoreRequest((Row(0, b64(picture(seed=77)), "a"),), GenerationParams(max_new_tokens=2)))
+    finally:
+        svc.close()
+    assert [kind for kind, _ in names] == ["load", "batch", "batch"]  # load, warm-up, the request
+    assert all(name.startswith("blip2-model") for _, name in names)
