@@ -5,7 +5,8 @@ configuration (EVA ViT-g/14 1408x39, Q-Former 768x12, OPT-2.7b 2560x32) directly
 the GPU in fp16 (the Q-Former in fp32, as transformers keeps it) and prints a table:
 
 * vision + Q-Former images/s (batch 64);
-* decode ms/step at batch 1/8/32/128 (two generate lengths, difference / extra steps);
+* decode ms/step at batch 1/8/32/128 (two answer lengths, difference / extra steps), with
+  the engine's greedy loop, and beside it transformers' ``generate`` at batch 1 and 32;
 * end-to-end requests/s at concurrency 1/16/64 through ``Service.score_rows`` and the
   micro-batcher (base64 PNGs decoded, preprocessed, embedded and answered);
 * the baseline, measured in the same run: naive per-request transformers (processor +
@@ -171,7 +172,19 @@ def main(argv=None) -> int:
         step_ms = (t_long - t_short) / (long_ - short) * 1000
         floor_ms = max(OPT_WEIGHT_BYTES / H200_BYTES_PER_S, b * 2 * 2.7e9 / H200_FLOPS) * 1000
         frac = f"{floor_ms / step_ms:.0%}" if not args.small else "n/a"
-        lines.append(f"| decode step, batch {b} | {step_ms:.2f} ms/step | {floor_ms:.2f} ms/step | {frac} |")
+        lines.append(f"| decode step, batch {b} (engine's greedy loop) | {step_ms:.2f} ms/step | {floor_ms:.2f} ms/step | {frac} |")
+        print(lines[-1], flush=True)
+
+    # 2a. the same through transformers' generate (BLIP2_FAST_GREEDY=0), beside the loop above
+    plain = Engine(model, processor, device=device, dtype=dtype, max_batch_size=engine.max_batch_size, fast_greedy=False)
+    for b in (1, 32) if cuda else (1,):
+        items = [GenItem(key=f"g{i}", pixels=None, prompt=PROMPT, embed=embed) for i in range(b)]
+        same = plain.generate(items, params) == engine.generate(items, params)
+        t_short = timer(lambda: plain.generate(items, GenerationParams(max_new_tokens=short, min_new_tokens=short)))
+        t_long = timer(lambda: plain.generate(items, GenerationParams(max_new_tokens=long_, min_new_tokens=long_)))
+        step_ms = (t_long - t_short) / (long_ - short) * 1000
+        lines.append(f"| decode step, batch {b}, transformers generate (answers {'identical' if same else 'DIFFER'}) "
+                     f"| {step_ms:.2f} ms/step | - | - |")
         print(lines[-1], flush=True)
 
     # 2b. the same with a static KV cache (BLIP2_STATIC_CACHE=1; on CUDA transformers compiles decode)
