@@ -165,39 +165,36 @@ def main(argv=None) -> int:
     # 2. decode ms/step: same prompt, two answer lengths; the difference is pure decode
     embed = engine.embed_images(pixels[:1])[0]
     short, long_ = max(2, tokens // 4), tokens * 3
-    for b in (1, 8, 32, 128) if cuda else (1, 8):
+
+    def decode_step_ms(eng, b: int) -> float:
         items = [GenItem(key=f"d{i}", pixels=None, prompt=PROMPT, embed=embed) for i in range(b)]
-        t_short = timer(lambda: engine.generate(items, GenerationParams(max_new_tokens=short, min_new_tokens=short)))
-        t_long = timer(lambda: engine.generate(items, GenerationParams(max_new_tokens=long_, min_new_tokens=long_)))
-        step_ms = (t_long - t_short) / (long_ - short) * 1000
+        t_short = timer(lambda: eng.generate(items, GenerationParams(max_new_tokens=short, min_new_tokens=short)))
+        t_long = timer(lambda: eng.generate(items, GenerationParams(max_new_tokens=long_, min_new_tokens=long_)))
+        return (t_long - t_short) / (long_ - short) * 1000
+
+    def same_answers(eng, b: int) -> str:
+        items = [GenItem(key=f"s{i}", pixels=None, prompt=PROMPT, embed=embed) for i in range(b)]
+        return "identical" if eng.generate(items, params) == engine.generate(items, params) else "DIFFER"
+
+    for b in (1, 8, 32, 128) if cuda else (1, 8):
+        step_ms = decode_step_ms(engine, b)
         floor_ms = max(OPT_WEIGHT_BYTES / H200_BYTES_PER_S, b * 2 * 2.7e9 / H200_FLOPS) * 1000
         frac = f"{floor_ms / step_ms:.0%}" if not args.small else "n/a"
         lines.append(f"| decode step, batch {b} (engine's greedy loop) | {step_ms:.2f} ms/step | {floor_ms:.2f} ms/step | {frac} |")
         print(lines[-1], flush=True)
 
-    # 2a. the same through transformers' generate (BLIP2_FAST_GREEDY=0), beside the loop above
-    plain = Engine(model, processor, device=device, dtype=dtype, max_batch_size=engine.max_batch_size, fast_greedy=False)
-    for b in (1, 32) if cuda else (1,):
-        items = [GenItem(key=f"g{i}", pixels=None, prompt=PROMPT, embed=embed) for i in range(b)]
-        same = plain.generate(items, params) == engine.generate(items, params)
-        t_short = timer(lambda: plain.generate(items, GenerationParams(max_new_tokens=short, min_new_tokens=short)))
-        t_long = timer(lambda: plain.generate(items, GenerationParams(max_new_tokens=long_, min_new_tokens=long_)))
-        step_ms = (t_long - t_short) / (long_ - short) * 1000
-        lines.append(f"| decode step, batch {b}, transformers generate (answers {'identical' if same else 'DIFFER'}) "
-                     f"| {step_ms:.2f} ms/step | - | - |")
-        print(lines[-1], flush=True)
-
-    # 2b. the same with a static KV cache (BLIP2_STATIC_CACHE=1; on CUDA transformers compiles decode)
-    static = Engine(model, processor, device=device, dtype=dtype, max_batch_size=engine.max_batch_size, static_cache=True)
-    for b in (1, 8) if cuda else (1,):
-        items = [GenItem(key=f"s{i}", pixels=None, prompt=PROMPT, embed=embed) for i in range(b)]
-        same = static.generate(items, params) == engine.generate(items, params)
-        t_short = timer(lambda: static.generate(items, GenerationParams(max_new_tokens=short, min_new_tokens=short)))
-        t_long = timer(lambda: static.generate(items, GenerationParams(max_new_tokens=long_, min_new_tokens=long_)))
-        step_ms = (t_long - t_short) / (long_ - short) * 1000
-        lines.append(f"| decode step, batch {b}, static KV cache (answers {'identical' if same else 'DIFFER'}) "
-                     f"| {step_ms:.2f} ms/step | - | - |")
-        print(lines[-1], flush=True)
+    # 2a. through transformers' generate (BLIP2_FAST_GREEDY=0), and 2b. with a static KV cache
+    # (BLIP2_STATIC_CACHE=1; on CUDA transformers compiles decode), each checked against the loop's answers
+    variants = [
+        ("transformers generate", dict(fast_greedy=False), (1, 32) if cuda else (1,)),
+        ("static KV cache", dict(static_cache=True), (1, 8) if cuda else (1,)),
+    ]
+    for label, options, sizes in variants:
+        other = Engine(model, processor, device=device, dtype=dtype, max_batch_size=engine.max_batch_size, **options)
+        for b in sizes:
+            lines.append(f"| decode step, batch {b}, {label} (answers {same_answers(other, b)}) "
+                         f"| {decode_step_ms(other, b):.2f} ms/step | - | - |")
+            print(lines[-1], flush=True)
 
     # 3. end to end through Service + batcher, fresh images so the cache does not help
     settings = Settings.from_env({"BLIP2_MAX_BATCH_SIZE": "64" if cuda else "16", "BLIP2_BATCH_WAIT_MS": "5",
