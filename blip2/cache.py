@@ -37,15 +37,22 @@ class EmbedCache:
             return value
 
     def put(self, key: str, tensor) -> None:
-        """Store ``tensor`` (detached); evicts least recently used entries to stay under max_bytes."""
+        """Store ``tensor`` (detached); evicts least recently used entries to stay under max_bytes.
+
+        A view into a bigger tensor (one row of a batch's output) is copied first: kept as a
+        view it would hold the whole batch's memory while counting as one row.
+        """
         size = self._size(tensor)
         if size > self.max_bytes:
             return
+        tensor = tensor.detach()
+        if tensor.untyped_storage().nbytes() > size:
+            tensor = tensor.clone()
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= self._size(old)
-            self._items[key] = tensor.detach()
+            self._items[key] = tensor
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)

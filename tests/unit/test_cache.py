@@ -50,3 +50,16 @@ def test_concurrent_use_keeps_the_bound():
     for th in threads:
         th.join()
     assert cache.nbytes <= cache.max_bytes and cache.nbytes == 40 * len(cache)
+
+
+def test_a_row_of_a_batch_is_stored_without_the_rest_of_the_batch():
+    batch = torch.arange(4 * 10, dtype=torch.float32).view(4, 10)  # e.g. four images' embeddings
+    cache = EmbedCache(max_bytes=1000)
+    for i, row in enumerate(batch):
+        cache.put(str(i), row)
+    stored = cache.get("2")
+    assert torch.equal(stored, batch[2])
+    assert stored.untyped_storage().nbytes() == 40  # its own row only, not the 160-byte batch
+    own = t(10)
+    cache.put("own", own)
+    assert cache.get("own").untyped_storage().data_ptr() == own.untyped_storage().data_ptr()  # not copied
