@@ -51,6 +51,8 @@ class GreedyDecoder:
         eos = config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos = torch.tensor(eos, dtype=torch.long)
+        # on an accelerator, asking "has every row ended?" waits for the device: ask every few steps
+        self.check_every = 1 if language_model.device.type == "cpu" else 4
         default = GenerationConfig()
         self.blockers = [
             name for name in _MUST_BE_DEFAULT if getattr(config, name, None) != getattr(default, name, None)
@@ -81,8 +83,7 @@ class GreedyDecoder:
         position = positions[:, -1:]
         running = torch.ones(inputs_embeds.shape[0], dtype=torch.bool, device=device)
         ones = mask.new_ones(mask.shape[0], 1)
-        # on an accelerator, asking "has every row ended?" waits for the device; ask every few steps
-        check_every = 1 if device.type == "cpu" else 4
+        check_every = self.check_every
         tokens = []
         for step in range(max_new_tokens):
             logits = out.logits[:, -1]

@@ -115,6 +115,33 @@ def test_rows_that_end_at_different_steps_get_pad_after_their_end(tiny):
             assert all(t == tiny.pad_id for t in row[end + 1 :])
 
 
+def test_checking_for_the_end_every_few_steps_gives_the_same_tokens(demo):
+    """On a GPU the loop asks whether all rows ended only every few steps; the extra steps must not show."""
+    rng = random.Random(12)
+    samples = [shapes.sample(rng, (160, 120)) for _ in range(4)]
+    prompts = [list(shapes.QUESTIONS.values())[i % len(shapes.QUESTIONS)] for i in range(4)]
+    items = items_for(demo, [s[0] for s in samples], prompts)
+    want, every_step = both(demo, items, 20)
+    assert demo.greedy.check_every == 1  # on the CPU
+    demo.greedy.check_every = 3
+    try:
+        _, every_third = both(demo, items, 20)
+    finally:
+        demo.greedy.check_every = 1
+    assert every_third == every_step == want
+    assert max(len(row) for row in want) < 20  # the rows did end early, so extra steps were run
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_greedy_tokens_equal_generate(tiny_model_dir, dtype):
+    """The GPU runs fp16 (the Q-Former in fp32): the loop must agree with generate there too."""
+    loaded = load(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_DTYPE": dtype}))
+    engine = Engine(loaded.model, loaded.processor, device="cpu", dtype=loaded.dtype, max_batch_size=8)
+    assert engine.model.language_model.dtype == getattr(torch, dtype)
+    want, got = both(engine, tiny_items(engine), 6, min_new_tokens=2)
+    assert got == want and len({tuple(row) for row in want}) > 1
+
+
 def test_demo_model_rows_end_on_their_own_and_match_generate(demo):
     rng = random.Random(11)
     samples = [shapes.sample(rng, (160, 120)) for _ in range(6)]
