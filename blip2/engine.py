@@ -62,6 +62,8 @@ class Engine:
         # plain greedy requests skip generate's per-step machinery (same tokens, tested); not with a static cache
         self.greedy = GreedyDecoder(model.language_model, processor.tokenizer.pad_token_id)
         self.fast_greedy = fast_greedy and not static_cache
+        if self.fast_greedy and self.greedy.blockers:
+            log.info("Greedy requests go through generate: the generation config sets %s", ", ".join(self.greedy.blockers))
         config = model.config
         self.image_token_id = config.image_token_index
         self.num_query_tokens = config.num_query_tokens

@@ -185,12 +185,15 @@ def test_other_decoding_goes_to_generate(tiny, params, monkeypatch):
     assert len(answers) == 2
 
 
-def test_a_generation_config_with_processors_falls_back(tiny_model_dir):
+def test_a_generation_config_with_processors_falls_back(tiny_model_dir, caplog):
     engine = make_engine(tiny_model_dir)
     assert engine.greedy.handles(GenerationParams()) and engine.greedy.blockers == []
     engine.model.language_model.generation_config.repetition_penalty = 1.2
     decoder = GreedyDecoder(engine.model.language_model, engine.pad_id)
     assert decoder.blockers == ["repetition_penalty"] and not decoder.handles(GenerationParams())
+    with caplog.at_level("INFO", logger="blip2.engine"):
+        Engine(engine.model, engine.processor, device="cpu", dtype=torch.float32)
+    assert "generation config sets repetition_penalty" in caplog.text
 
 
 def test_static_cache_keeps_generate(tiny_model_dir):
