@@ -6,7 +6,8 @@ the GPU in fp16 (the Q-Former in fp32, as transformers keeps it) and prints a ta
 
 * vision + Q-Former images/s (batch 64);
 * decode ms/step at batch 1/8/32/128 (two answer lengths, difference / extra steps), with
-  the engine's greedy loop, and beside it transformers' ``generate`` at batch 1 and 32;
+  the engine's greedy loop, and beside it (batch 1 and 32) transformers' ``generate``, the
+  loop with a preallocated KV cache, and ``generate`` with a static KV cache;
 * end-to-end requests/s at concurrency 1/16/64 through ``Service.score_rows`` and the
   micro-batcher (base64 PNGs decoded, preprocessed, embedded and answered);
 * the baseline, measured in the same run: naive per-request transformers (processor +
@@ -183,10 +184,12 @@ def main(argv=None) -> int:
         lines.append(f"| decode step, batch {b} (engine's greedy loop) | {step_ms:.2f} ms/step | {floor_ms:.2f} ms/step | {frac} |")
         print(lines[-1], flush=True)
 
-    # 2a. through transformers' generate (BLIP2_FAST_GREEDY=0), and 2b. with a static KV cache
-    # (BLIP2_STATIC_CACHE=1; on CUDA transformers compiles decode), each checked against the loop's answers
+    # 2a. through transformers' generate (BLIP2_FAST_GREEDY=0); the loop with its keys and values in
+    # a cache sized up front (eager, no compile); generate with a static KV cache (BLIP2_STATIC_CACHE=1;
+    # on CUDA transformers compiles decode). Each is checked against the loop's answers.
     variants = [
         ("transformers generate", dict(fast_greedy=False), (1, 32) if cuda else (1,)),
+        ("greedy loop, preallocated KV cache", dict(preallocate_kv=True), (1, 32) if cuda else (1,)),
         # batch 32: the dynamic cache copies all keys and values on every step (torch.cat), ~0.6 GB a
         # step for BLIP-2 at batch 32 and ~60 tokens beside 5.3 GB of weights; a static cache does not
         ("static KV cache", dict(static_cache=True), (1, 32) if cuda else (1,)),

@@ -46,7 +46,7 @@ class RowTooLarge(ServiceError):
 class Engine:
     def __init__(
         self, model, processor, *, device, dtype, max_batch_size: int = 16, cache: EmbedCache | None = None,
-        static_cache: bool = False, fast_greedy: bool = True,
+        static_cache: bool = False, fast_greedy: bool = True, preallocate_kv: bool = False,
     ):
         self.model = model
         self.processor = processor
@@ -60,7 +60,8 @@ class Engine:
         # decode step. Greedy answers are the same as with the dynamic cache (tested).
         self._cache_kwargs = {"cache_implementation": "static"} if static_cache else {}
         # plain greedy requests skip generate's per-step machinery (same tokens, tested); not with a static cache
-        self.greedy = GreedyDecoder(model.language_model, processor.tokenizer.pad_token_id)
+        # preallocate_kv (the loop's keys and values in a cache sized up front) is for bench/gpu.py until measured
+        self.greedy = GreedyDecoder(model.language_model, processor.tokenizer.pad_token_id, preallocate=preallocate_kv)
         self.fast_greedy = fast_greedy and not static_cache
         if self.fast_greedy and self.greedy.blockers:
             log.info("Greedy requests go through generate: the generation config sets %s", ", ".join(self.greedy.blockers))

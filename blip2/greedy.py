@@ -38,11 +38,16 @@ _MUST_BE_DEFAULT = (
 
 
 class GreedyDecoder:
-    def __init__(self, language_model, pad_token_id: int):
+    def __init__(self, language_model, pad_token_id: int, preallocate: bool = False):
+        """``preallocate``: keep keys and values in a cache sized for prompt + answer up front
+        (transformers' StaticCache, run eagerly) instead of one that grows by concatenation,
+        which copies the whole cache on every step. Not the default until measured on a GPU
+        (bench/gpu.py prints both)."""
         from transformers import GenerationConfig
 
         self.lm = language_model
         self.pad_id = int(pad_token_id)
+        self.preallocate = preallocate
         accepted = inspect.signature(language_model.forward).parameters
         # transformers 5.25 renamed ``past_key_values`` to ``cache``; 5.17 (the GPU machine) has the old name
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
@@ -69,10 +74,13 @@ class GreedyDecoder:
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
     ) -> torch.Tensor:
         """New token ids (rows x at most ``max_new_tokens``), pad after each row's end, as ``generate`` has them."""
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
         device = inputs_embeds.device
-        cache = DynamicCache(config=self.lm.config)
+        if self.preallocate:
+            cache = StaticCache(config=self.lm.config, max_cache_len=inputs_embeds.shape[1] + max_new_tokens)
+        else:
+            cache = DynamicCache(config=self.lm.config)
         eos = self.eos.to(device)
         mask = attention_mask
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)

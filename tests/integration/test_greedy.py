@@ -132,6 +132,27 @@ def test_checking_for_the_end_every_few_steps_gives_the_same_tokens(demo):
     assert max(len(row) for row in want) < 20  # the rows did end early, so extra steps were run
 
 
+def test_a_preallocated_kv_cache_gives_the_same_tokens(demo, tiny, monkeypatch):
+    import transformers
+
+    made = []
+    real = transformers.StaticCache
+    monkeypatch.setattr(transformers, "StaticCache", lambda **kw: made.append(kw["max_cache_len"]) or real(**kw))
+    rng = random.Random(8)
+    demo_items = items_for(demo, [shapes.sample(rng, (128, 96))[0] for _ in range(4)],
+                           [list(shapes.QUESTIONS.values())[i % 3] for i in range(4)])
+    for engine, items in ((tiny, tiny_items(tiny)), (demo, demo_items)):
+        want, _ = both(engine, items, 9, min_new_tokens=2)
+        decoder = GreedyDecoder(engine.model.language_model, engine.pad_id, preallocate=True)
+        with torch.inference_mode():
+            _, mask, embeds = engine.lm_inputs(items)
+            got = strip_pad(decoder(embeds, mask, 9, 2), engine.pad_id)
+        assert got == want
+        assert made[-1] == embeds.shape[1] + 9  # room for the prompt and the whole answer
+    newline = demo.model.config.text_config.eos_token_id
+    assert all(newline in row for row in want)  # the demo's rows ended: pad after the end is covered too
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_greedy_tokens_equal_generate(tiny_model_dir, dtype):
     """The GPU runs fp16 (the Q-Former in fp32): the loop must agree with generate there too."""
