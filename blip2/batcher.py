@@ -67,6 +67,7 @@ def collect(
     batch). Jobs past their deadline or abandoned by their caller are dropped.
     """
     queued_before = bool(pending) or not source.empty()
+
     def usable(job: Job) -> bool:
         if job.abandoned:
             return False

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import modelthread
 from .cache import EmbedCache
 from .errors import ServiceError
-from . import modelthread
 from .greedy import GreedyDecoder
 from .params import GenerationParams
 from .preprocess import Preprocessor
