@@ -116,6 +116,8 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=320)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="BLIP2_DTYPE for this service (default: the service's own choice for this CPU); the baseline stays fp32")
     parser.add_argument("--model", choices=sorted(MODELS), default="small",
                         help="tiny: HTTP overhead dominates; small: the model's own cost matters, as it does for BLIP-2")
     args = parser.parse_args(argv)
@@ -135,7 +137,8 @@ def main(argv=None) -> None:
     servers = {
         "blip2-endpoint (score.py, threads + micro-batcher)": (
             REPO / "score.py",
-            {**base_env, "GUNICORN_CMD_ARGS": f"--threads {args.threads}", "BLIP2_MAX_BATCH_SIZE": str(args.clients), "BLIP2_BATCH_WAIT_MS": "5"},
+            {**base_env, "GUNICORN_CMD_ARGS": f"--threads {args.threads}", "BLIP2_MAX_BATCH_SIZE": str(args.clients), "BLIP2_BATCH_WAIT_MS": "5",
+             **({"BLIP2_DTYPE": args.dtype} if args.dtype else {})},
         ),
         # The baseline gets OMP_NUM_THREADS=1, its best setting here: with torch's default of one
         # thread per core its generate ran ~15x slower inside the sync worker (750 vs 45 ms a request).
@@ -156,12 +159,17 @@ def main(argv=None) -> None:
         answers[name] = out
     ours, base = report.values()
     same = sum(a == b for a, b in zip(*answers.values()))
+    from blip2.model import default_dtype_name
+
     print(f"{args.requests} one-row requests, {args.clients} concurrent clients, max_new_tokens={args.max_new_tokens}, "
           f"{args.model} BLIP-2 ({MODELS[args.model] or 'tiny defaults'}) on CPU ({os.cpu_count()} cores)")
+    print(f"  dtype: this service {args.dtype or default_dtype_name('cpu')}"
+          f"{'' if args.dtype else ' (its default on this CPU)'}, baseline float32")
     for name, (rps, p50, p99) in report.items():
         print(f"  {name:62s} {rps:7.1f} req/s   p50 {p50:7.0f} ms   p99 {p99:7.0f} ms")
     print(f"  throughput ratio vs baseline: {ours[0] / base[0]:.1f}x   (target >= 5x at 16 clients)")
-    print(f"  identical answers: {same}/{args.requests}")
+    print(f"  identical answers: {same}/{args.requests}"
+          + ("" if same == args.requests else "  (random weights leave near-ties that bf16 vs fp32 can flip)"))
 
 
 if __name__ == "__main__":

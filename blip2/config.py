@@ -43,7 +43,7 @@ class ParamCaps:
 class Settings:
     model: str | None = None  # BLIP2_MODEL: hub id, local folder, or "demo"
     azureml_model_dir: str | None = None  # AZUREML_MODEL_DIR
-    dtype: str | None = None  # BLIP2_DTYPE; None: float16 on CUDA, float32 on CPU
+    dtype: str | None = None  # BLIP2_DTYPE; None: float16 on CUDA, on CPU bfloat16 if native else float32
     device: str | None = None  # BLIP2_DEVICE; None: cuda if available else cpu
     max_batch_size: int = 16  # BLIP2_MAX_BATCH_SIZE: rows per model batch
     batch_wait_ms: float = 5.0  # BLIP2_BATCH_WAIT_MS: the batcher gathers until this long passes with no new row

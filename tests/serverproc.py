@@ -34,6 +34,9 @@ class Server:
             BLIP2_MODEL=str(model_dir),
             BLIP2_ALLOW_PRIVATE_URLS="1",  # the tests' image host is on loopback
             BLIP2_MAX_BATCH_SIZE="8",
+            # fp32, whatever the CPU: tests compare exact answers of random-weight models across batch
+            # compositions, which half precision does not keep (its last bits follow the batch's shape)
+            BLIP2_DTYPE="float32",
             BLIP2_BATCH_WAIT_MS="5",
             GUNICORN_CMD_ARGS=f"--threads {threads}",
             AML_APP_ROOT=str(REPO),  # where azmlinfsrv looks for swagger.json

@@ -51,7 +51,7 @@ class CountingService:
 @pytest.fixture(scope="module")
 def shared(tiny_model_dir):
     service = Service.from_settings(Settings.from_env({
-        "BLIP2_MODEL": str(tiny_model_dir), "BLIP2_WARMUP": "0", "BLIP2_MAX_BATCH_SIZE": "4",
+        "BLIP2_MODEL": str(tiny_model_dir), "BLIP2_WARMUP": "0", "BLIP2_MAX_BATCH_SIZE": "4", "BLIP2_DTYPE": "float32",
         "BLIP2_ALLOW_PRIVATE_URLS": "1",
     }))
     yield service

@@ -91,6 +91,7 @@ def entry(tiny_model_dir):
         mp.setenv("AZUREML_MODEL_DIR", "/nonexistent")  # BLIP2_MODEL wins over it
         mp.setenv("BLIP2_MODEL", str(tiny_model_dir))
         mp.setenv("BLIP2_WARMUP", "0")
+        mp.setenv("BLIP2_DTYPE", "float32")  # exact answers of a random-weight model across chunkings
         mp.setenv("BLIP2_ALLOW_PRIVATE_URLS", "1")  # the image host is on loopback
         mp.setenv("BLIP2_MAX_BATCH_SIZE", "4")
         mp.setenv("BLIP2_BATCH_CHUNK", "3")  # several chunks per mini-batch, across files

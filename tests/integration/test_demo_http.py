@@ -23,7 +23,10 @@ COLOR, SHAPE, CAPTION = QUESTIONS["color"], QUESTIONS["shape"], QUESTIONS["capti
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    srv = Server("demo", tmp_path_factory.mktemp("demo") / "azmlinfsrv.log", extra_env={"BLIP2_MAX_BATCH_SIZE": "16"})
+    srv = Server("demo", tmp_path_factory.mktemp("demo") / "azmlinfsrv.log", extra_env={
+        "BLIP2_MAX_BATCH_SIZE": "16",
+        "BLIP2_DTYPE": "bfloat16",  # the CPU default where bf16 is native; answers must keep their meaning
+    })
     yield srv
     srv.stop()
 

@@ -45,7 +45,10 @@ def reference_answers(model_dir, images: list[bytes], prompts: list[str], max_ne
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
-    settings = Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_MAX_BATCH_SIZE": "4", "BLIP2_WARMUP": "0"})
+    settings = Settings.from_env({
+        "BLIP2_MODEL": str(tiny_model_dir), "BLIP2_MAX_BATCH_SIZE": "4", "BLIP2_WARMUP": "0",
+        "BLIP2_DTYPE": "float32",  # the reference is transformers in fp32
+    })
     svc = Service.from_settings(settings)
     yield svc
     svc.close()

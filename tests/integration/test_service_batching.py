@@ -19,7 +19,7 @@ from support import b64, picture
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     settings = Settings.from_env({
-        "BLIP2_MODEL": str(tiny_model_dir), "BLIP2_WARMUP": "0",
+        "BLIP2_MODEL": str(tiny_model_dir), "BLIP2_WARMUP": "0", "BLIP2_DTYPE": "float32",
         "BLIP2_BATCH_WAIT_MS": "5", "BLIP2_BATCH_MAX_WAIT_MS": "3000",  # a long cap, so waiting would show
     })
     svc = Service.from_settings(settings)
@@ -97,7 +97,7 @@ def test_loading_warm_up_and_batches_all_run_on_the_model_thread(tiny_model_dir,
         return real_batch(self, items, params)
 
     monkeypatch.setattr(Engine, "_generate_batch", batch)
-    svc = Service.from_settings(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_MAX_BATCH_SIZE": "2"}))
+    svc = Service.from_settings(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_MAX_BATCH_SIZE": "2", "BLIP2_DTYPE": "float32"}))
     try:
         svc.score(ScoreRequest((Row(0, b64(picture(seed=77)), "a"),), GenerationParams(max_new_tokens=2)))
     finally:
