@@ -113,7 +113,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def default_dtype_name(device_type: str) -> str:
     """fp16 on CUDA; on a CPU bf16 where it is native (half the memory, about 1.7x the matmul rate
-    measured on Zen 4), else fp32."""
+    measured on an AMD EPYC with AVX512-BF16), else fp32."""
     if device_type == "cuda":
         return "float16"
     return "bfloat16" if device_type == "cpu" and cpu_has_native_bf16() else "float32"
