@@ -6,8 +6,9 @@ the GPU in fp16 (the Q-Former in fp32, as transformers keeps it) and prints a ta
 
 * vision + Q-Former images/s (batch 64);
 * decode ms/step at batch 1/8/32/128 (two answer lengths, difference / extra steps), with
-  the engine's greedy loop, and beside it (batch 1 and 32) transformers' ``generate``, the
-  loop with a preallocated KV cache, and ``generate`` with a static KV cache;
+  the engine's greedy loop (OPT's steps as plain tensor ops, ``blip2/optsteps.py``), and
+  beside it (batch 1 and 32) transformers' ``generate``, the loop with its steps through
+  the model (dynamic, then preallocated KV cache), and ``generate`` with a static KV cache;
 * end-to-end requests/s at concurrency 1/16/64 through ``Service.score_rows`` and the
   micro-batcher (base64 PNGs decoded, preprocessed, embedded and answered);
 * the baseline, measured in the same run: naive per-request transformers (processor +
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     # on CUDA transformers compiles decode). Each is checked against the loop's answers.
     variants = [
         ("transformers generate", dict(fast_greedy=False), (1, 32) if cuda else (1,)),
-        ("greedy loop, preallocated KV cache", dict(preallocate_kv=True), (1, 32) if cuda else (1,)),
+        ("greedy loop, steps through the model", dict(lean_steps=False), (1, 32) if cuda else (1,)),
+        ("greedy loop, steps through the model, preallocated KV cache", dict(preallocate_kv=True), (1, 32) if cuda else (1,)),
         # batch 32: the dynamic cache copies all keys and values on every step (torch.cat), ~0.6 GB a
         # step for BLIP-2 at batch 32 and ~60 tokens beside 5.3 GB of weights; a static cache does not
         ("static KV cache", dict(static_cache=True), (1, 32) if cuda else (1,)),

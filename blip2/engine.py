@@ -46,7 +46,7 @@ class RowTooLarge(ServiceError):
 class Engine:
     def __init__(
         self, model, processor, *, device, dtype, max_batch_size: int = 16, cache: EmbedCache | None = None,
-        static_cache: bool = False, fast_greedy: bool = True, preallocate_kv: bool = False,
+        static_cache: bool = False, fast_greedy: bool = True, preallocate_kv: bool = False, lean_steps: bool = True,
     ):
         self.model = model
         self.processor = processor
@@ -60,11 +60,16 @@ class Engine:
         # decode step. Greedy answers are the same as with the dynamic cache (tested).
         self._cache_kwargs = {"cache_implementation": "static"} if static_cache else {}
         # plain greedy requests skip generate's per-step machinery (same tokens, tested); not with a static cache
-        # preallocate_kv (the loop's keys and values in a cache sized up front) is for bench/gpu.py until measured
-        self.greedy = GreedyDecoder(model.language_model, processor.tokenizer.pad_token_id, preallocate=preallocate_kv)
+        # the loop's decode steps run as plain tensor ops for OPT (lean_steps); preallocate_kv (the model's own
+        # steps over transformers' StaticCache) and lean_steps=False are for bench/gpu.py's comparison
+        self.greedy = GreedyDecoder(
+            model.language_model, processor.tokenizer.pad_token_id, preallocate=preallocate_kv, lean=lean_steps,
+        )
         self.fast_greedy = fast_greedy and not static_cache
         if self.fast_greedy and self.greedy.blockers:
             log.info("Greedy requests go through generate: the generation config sets %s", ", ".join(self.greedy.blockers))
+        elif self.fast_greedy and self.greedy.lean_unsupported not in (None, "off", "preallocate"):
+            log.info("Greedy decode steps go through the model: %s", self.greedy.lean_unsupported)
         config = model.config
         self.image_token_id = config.image_token_index
         self.num_query_tokens = config.num_query_tokens

@@ -11,6 +11,9 @@ the plain greedy case this loop does only what that case needs:
   mask grows by one and the positions by one, as ``generate`` does it;
 - stop after ``max_new_tokens`` or once every row has ended.
 
+For OPT (BLIP-2's language model) the steps after the prefill run in ``blip2.optsteps``:
+the same arithmetic as plain tensor ops over preallocated keys and values.
+
 ``GreedyDecoder.handles(params)`` says when it applies: no sampling, one beam, no
 repetition penalty or n-gram ban, and a generation config with nothing set that
 would add a logits processor or stopping criterion (anything else goes to
@@ -38,16 +41,21 @@ _MUST_BE_DEFAULT = (
 
 
 class GreedyDecoder:
-    def __init__(self, language_model, pad_token_id: int, preallocate: bool = False):
-        """``preallocate``: keep keys and values in a cache sized for prompt + answer up front
-        (transformers' StaticCache, run eagerly) instead of one that grows by concatenation,
-        which copies the whole cache on every step. Not the default until measured on a GPU
-        (bench/gpu.py prints both)."""
+    def __init__(self, language_model, pad_token_id: int, preallocate: bool = False, lean: bool = True):
+        """``lean``: after the prefill, run OPT's decode steps as plain tensor ops over keys and values
+        in buffers sized up front (``blip2.optsteps``; same tokens), when the model's layout allows;
+        else each step goes through the model. ``preallocate`` (for the model's own steps only):
+        keep keys and values in transformers' StaticCache, run eagerly, instead of a cache that
+        grows by concatenation. bench/gpu.py times all three."""
         from transformers import GenerationConfig
+
+        from .optsteps import OPTSteps
 
         self.lm = language_model
         self.pad_id = int(pad_token_id)
         self.preallocate = preallocate
+        self.lean_unsupported = "off" if not lean else "preallocate" if preallocate else OPTSteps.unsupported(language_model)
+        self.steps = OPTSteps(language_model) if self.lean_unsupported is None else None
         accepted = inspect.signature(language_model.forward).parameters
         # transformers 5.25 renamed ``past_key_values`` to ``cache``; 5.17 (the GPU machine) has the old name
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
@@ -89,12 +97,22 @@ class GreedyDecoder:
             extra["logits_to_keep"] = 1
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, **extra)
         position = positions[:, -1:]
+        logits = out.logits[:, -1]
+        if self.steps is not None and max_new_tokens > 1:
+            step_fn = self.steps.begin(cache, mask, max_new_tokens - 1)
+            del out, cache, extra  # the steps hold their own copies of the keys and values
+        else:
+            ones = mask.new_ones(mask.shape[0], 1)
+
+            def step_fn(token, position):
+                nonlocal mask
+                mask = torch.cat([mask, ones], dim=1)
+                return self.lm(input_ids=token[:, None], attention_mask=mask, position_ids=position, **extra).logits[:, -1]
+
         running = torch.ones(inputs_embeds.shape[0], dtype=torch.bool, device=device)
-        ones = mask.new_ones(mask.shape[0], 1)
         check_every = self.check_every
         tokens = []
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1]
             if step < min_new_tokens and eos.numel():
                 logits = logits.clone()
                 logits[:, eos] = float("-inf")
@@ -104,9 +122,8 @@ class GreedyDecoder:
                 running &= ~torch.isin(token, eos)
             if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and not bool(running.any())):
                 break
-            mask = torch.cat([mask, ones], dim=1)
             position = position + 1
-            out = self.lm(input_ids=token[:, None], attention_mask=mask, position_ids=position, **extra)
+            logits = step_fn(token, position)
         return _trim_ended(torch.stack(tokens, dim=1), running, self.pad_id)
 
 

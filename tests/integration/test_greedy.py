@@ -221,3 +221,106 @@ def test_static_cache_keeps_generate(tiny_model_dir):
     assert make_engine(tiny_model_dir).fast_greedy
     assert not make_engine(tiny_model_dir, static_cache=True).fast_greedy
     assert not make_engine(tiny_model_dir, fast_greedy=False).fast_greedy
+
+
+def count_model_calls(lm, monkeypatch) -> list:
+    """Record each forward call of the language model (the prefill and any step that goes through it)."""
+    calls = []
+    real = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda *a, **k: calls.append(k.get("input_ids") is None) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_lean_opt_steps_give_the_tokens_of_generate_and_of_the_model_steps(tiny_model_dir, dtype, monkeypatch):
+    loaded = load(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_DTYPE": dtype}))
+    engine = Engine(loaded.model, loaded.processor, device="cpu", dtype=loaded.dtype, max_batch_size=8)
+    lm = engine.model.language_model
+    assert engine.greedy.steps is not None and engine.greedy.lean_unsupported is None
+    model_steps = GreedyDecoder(lm, engine.pad_id, lean=False)
+    assert model_steps.steps is None and model_steps.lean_unsupported == "off"
+    padded = tiny_items(engine)
+    same_length = items_for(engine, [it for it in (shapes.sample(random.Random(4), (96, 96))[0] for _ in range(3))],
+                            ["Question: what shape is this? Answer:"] * 3)  # no padding: SDPA gets no mask
+    for items in (padded, same_length):
+        want, _ = both(engine, items, 9, min_new_tokens=3)
+        with torch.inference_mode():
+            _, mask, embeds = engine.lm_inputs(items)
+            calls = count_model_calls(lm, monkeypatch)
+            lean = strip_pad(engine.greedy(embeds, mask, 9, 3), engine.pad_id)
+            assert calls == [True]  # the prefill only: the eight steps after it ran in OPTSteps
+            through_model = strip_pad(model_steps(embeds, mask, 9, 3), engine.pad_id)
+            assert calls == [True, True] + [False] * 8
+            monkeypatch.undo()
+        assert lean == through_model == want
+        assert len({tuple(row) for row in want}) > 1 or items is same_length
+
+
+def test_lean_steps_keep_end_of_sequence_and_pad_as_generate(demo):
+    """Rows of the demo model end at different steps: ended rows keep feeding pad, as in generate."""
+    assert demo.greedy.steps is not None
+    rng = random.Random(21)
+    samples = [shapes.sample(rng, (150, 110)) for _ in range(6)]
+    prompts = [list(shapes.QUESTIONS.values())[i % len(shapes.QUESTIONS)] for i in range(6)]
+    items = items_for(demo, [s[0] for s in samples], prompts)
+    want, got = both(demo, items, 16)
+    assert got == want
+    newline = demo.model.config.text_config.eos_token_id
+    assert len({row.index(newline) for row in want}) > 1
+
+
+def test_layouts_the_lean_steps_do_not_cover_go_through_the_model(tiny_model_dir, caplog):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from blip2.optsteps import OPTSteps
+
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    processor = Blip2Processor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "left"
+    lm = model.language_model
+    assert "eager" in OPTSteps.unsupported(lm)
+    with pytest.raises(ValueError, match="eager"):
+        OPTSteps(lm)
+    with caplog.at_level("INFO", logger="blip2.engine"):
+        engine = Engine(model, processor, device="cpu", dtype=torch.float32, max_batch_size=8)
+    assert engine.greedy.steps is None and "decode steps go through the model" in caplog.text
+    want, got = both(engine, tiny_items(engine), 6)
+    assert got == want
+    sdpa = make_engine(tiny_model_dir).model  # its own copy: changed below
+    opt = sdpa.language_model
+    assert OPTSteps.unsupported(opt) is None
+    assert "training" in OPTSteps.unsupported(opt.train())
+    opt.eval()
+    opt.config.do_layer_norm_before = False
+    assert "after attention" in OPTSteps.unsupported(opt)
+    opt.config.do_layer_norm_before = True
+    opt.model.decoder.project_out = torch.nn.Linear(32, 32)
+    assert "projected" in OPTSteps.unsupported(opt)
+    assert "not 'opt'" in OPTSteps.unsupported(sdpa.vision_model)
+
+
+def test_lean_step_logits_equal_the_models_bit_for_bit(tiny_model_dir):
+    """Stronger than equal tokens: each step's logits, padded rows included, are the model's exactly (fp32)."""
+    from transformers import DynamicCache
+
+    loaded = load(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_DTYPE": "float32"}))
+    tiny = Engine(loaded.model, loaded.processor, device="cpu", dtype=loaded.dtype, max_batch_size=8)
+    lm = tiny.model.language_model
+    decoder = tiny.greedy
+    with torch.inference_mode():
+        _, mask, embeds = tiny.lm_inputs(tiny_items(tiny))
+        assert not bool(mask.all())  # left padding present
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        caches = [DynamicCache(config=lm.config) for _ in range(2)]
+        first = [lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{decoder._cache_arg: c}).logits[:, -1] for c in caches]
+        steps = decoder.steps.begin(caches[1], mask, 4)
+        token, position, grown = first[0].argmax(-1), positions[:, -1:], mask
+        for _ in range(4):
+            position = position + 1
+            grown = torch.cat([grown, grown.new_ones(grown.shape[0], 1)], dim=1)
+            want = lm(input_ids=token[:, None], attention_mask=grown, position_ids=position, use_cache=True,
+                      **{decoder._cache_arg: caches[0]}).logits[:, -1]
+            got = steps(token, position)
+            assert torch.equal(got, want)
+            token = want.argmax(-1)

@@ -16,6 +16,7 @@ def test_gpu_bench_small_writes_its_table(tmp_path):
     for measure in ("vision + Q-Former", "decode step, batch 1", "end to end, 8 concurrent", "baseline: naive"):
         assert measure in table
     assert table.count("\n| ") >= 9
-    # the engine's greedy loop answers as transformers' generate does, with either KV cache
-    for variant in ("transformers generate", "preallocated KV cache", "static KV cache"):
+    # the engine's greedy loop (lean OPT steps) answers as transformers' generate does, and as the
+    # loop does with its steps through the model, with either KV cache
+    for variant in ("transformers generate", "steps through the model", "preallocated KV cache", "static KV cache"):
         assert f"{variant} (answers identical)" in table

@@ -1,0 +1,123 @@
+"""OPT's decode step as plain tensor ops over keys and values kept in buffers sized up front.
+
+After the prompt's prefill (done by the model itself), each new token through
+transformers' ``OPTForCausalLM`` pays for module calls, keyword plumbing, a causal
+mask built anew, cache objects and output dataclasses, and the dynamic cache copies
+every key and value to grow by one. ``OPTSteps`` runs the same arithmetic directly:
+the same weights, the same ops in the same order (``F.linear``, the layer norms,
+``scaled_dot_product_attention`` with the same mask), so tokens are the same as
+``generate``'s (tested against it on the transformers versions CI installs).
+Measured on the CPU at batch 16: 0.64 -> 0.34 ms a step for a 2-layer OPT, 3.9 ->
+3.0 ms for a 4-layer one.
+
+Only the layout of OPT-2.7b and its kin is handled: layer norm before attention,
+no projection in or out of the embeddings, SDPA attention, eval mode.
+``OPTSteps.unsupported(lm)`` names what is missing; the caller then uses the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class OPTSteps:
+    def __init__(self, lm):
+        reason = self.unsupported(lm)
+        if reason:
+            raise ValueError(f"OPTSteps cannot run this model: {reason}")
+        self.lm = lm
+        decoder = lm.model.decoder
+        self.embed_tokens = decoder.embed_tokens
+        self.positions = decoder.embed_positions
+        self.final_norm = decoder.final_layer_norm
+        self.layers = decoder.layers
+        attn = decoder.layers[0].self_attn
+        self.heads, self.head_dim = attn.num_heads, attn.head_dim
+
+    @staticmethod
+    def unsupported(lm) -> str | None:
+        """Why this language model cannot run here, or None when it can."""
+        config = getattr(lm, "config", None)
+        if getattr(config, "model_type", None) != "opt":
+            return f"model_type is {getattr(config, 'model_type', None)!r}, not 'opt'"
+        decoder = lm.model.decoder
+        if not config.do_layer_norm_before:
+            return "layer norm after attention (OPT-350m's layout)"
+        if decoder.project_in is not None or decoder.project_out is not None:
+            return "embeddings projected in and out"
+        if config._attn_implementation != "sdpa":
+            return f"attention implementation {config._attn_implementation!r}, not 'sdpa'"
+        if lm.training:
+            return "training mode (dropout)"
+        return None
+
+    def begin(self, cache, attention_mask: torch.Tensor, max_new_tokens: int) -> "_Steps":
+        """Take the prefill's keys and values from ``cache`` (a DynamicCache) into buffers with room for
+        ``max_new_tokens`` more; the returned callable runs one step per call."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != len(self.layers):
+            raise ValueError("the prefill cache does not hold one keys/values pair per layer")
+        batch, prefix = attention_mask.shape
+        total = prefix + max_new_tokens
+        keys, values = [], []
+        for layer in layers:
+            k = layer.keys.new_empty(batch, self.heads, total, self.head_dim)
+            v = torch.empty_like(k)
+            k[:, :, :prefix] = layer.keys
+            v[:, :, :prefix] = layer.values
+            keys.append(k)
+            values.append(v)
+        # as generate does it: left padding stays masked, every new position (ended rows too) is attended
+        mask = None
+        if not bool(attention_mask.bool().all()):
+            mask = attention_mask.new_ones((batch, total), dtype=torch.bool)
+            mask[:, :prefix] = attention_mask.bool()
+        return _Steps(self, keys, values, mask, prefix)
+
+
+def _norm(m):
+    return (m.normalized_shape, m.weight, m.bias, m.eps)
+
+
+def _lin(m):
+    return (m.weight, m.bias)
+
+
+class _Steps:
+    def __init__(self, steps: OPTSteps, keys, values, mask, prefix: int):
+        self.s = steps
+        self.keys, self.values = keys, values
+        self.mask = mask  # batch x total bool, or None without padding (as transformers passes it to SDPA)
+        self.length = prefix  # keys and values held so far
+        # each layer's parameters, read once per answer (module calls cost more than the small ops)
+        self.layers = [
+            (_norm(l.self_attn_layer_norm), _lin(l.self_attn.q_proj), l.self_attn.scaling, _lin(l.self_attn.k_proj),
+             _lin(l.self_attn.v_proj), _lin(l.self_attn.out_proj), _norm(l.final_layer_norm), _lin(l.fc1),
+             l.activation_fn, _lin(l.fc2))
+            for l in steps.layers
+        ]
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch) at ``position`` (batch x 1) -> the next logits (batch x vocab)."""
+        s = self.s
+        t = self.length
+        batch = token.shape[0]
+        heads, head_dim = s.heads, s.head_dim
+        x = F.embedding(token[:, None], s.embed_tokens.weight) + F.embedding(position + s.positions.offset, s.positions.weight)
+        mask = None if self.mask is None else self.mask[:, None, None, : t + 1]
+        for i, (ln1, q_w, scaling, k_w, v_w, o_w, ln2, fc1, act, fc2) in enumerate(self.layers):
+            h = F.layer_norm(x, *ln1)
+            q = (F.linear(h, *q_w) * scaling).view(batch, 1, heads, head_dim).transpose(1, 2)
+            keys, values = self.keys[i], self.values[i]
+            keys[:, :, t] = F.linear(h, *k_w).view(batch, heads, head_dim)
+            values[:, :, t] = F.linear(h, *v_w).view(batch, heads, head_dim)
+            out = F.scaled_dot_product_attention(
+                q, keys[:, :, : t + 1], values[:, :, : t + 1], attn_mask=mask, dropout_p=0.0, scale=1.0,
+            )
+            x = x + F.linear(out.transpose(1, 2).reshape(batch, 1, heads * head_dim), *o_w)
+            x = x + F.linear(act(F.linear(F.layer_norm(x, *ln2), *fc1)), *fc2)
+        if s.final_norm is not None:
+            x = F.layer_norm(x, *_norm(s.final_norm))
+        self.length = t + 1
+        return F.linear(x[:, -1], *_lin(s.lm.lm_head))
