@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,25 +87,34 @@ def images(n: int, seed: int) -> list[str]:
     return out
 
 
-def drive(url: str, bodies: list[dict], clients: int) -> tuple[float, list[float], list]:
-    session_per_thread: dict = {}
+class Clients:
+    """``n`` client threads, each with its own keep-alive connection, kept across calls to ``drive``."""
 
-    def one(body):
-        import threading
+    def __init__(self, url: str, n: int):
+        self.url = url
+        self.pool = ThreadPoolExecutor(max_workers=n)
+        self.sessions: dict = {}
 
-        session = session_per_thread.setdefault(threading.get_ident(), requests.Session())
+    def _one(self, body):
+        session = self.sessions.setdefault(threading.get_ident(), requests.Session())
         started = time.perf_counter()
-        r = session.post(url + "/score", json=body, timeout=600)
+        r = session.post(self.url + "/score", json=body, timeout=600)
         elapsed = time.perf_counter() - started
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
         return elapsed, r.json()
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        results = list(pool.map(one, bodies))
-    wall = time.perf_counter() - started
-    return wall, [r[0] for r in results], [r[1] for r in results]
+    def drive(self, bodies: list[dict]) -> tuple[float, list[float], list]:
+        """Send ``bodies`` (one request each, as many at once as there are threads): wall s, latencies, answers."""
+        started = time.perf_counter()
+        results = list(self.pool.map(self._one, bodies))
+        wall = time.perf_counter() - started
+        return wall, [r[0] for r in results], [r[1] for r in results]
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for session in self.sessions.values():
+            session.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -153,12 +163,13 @@ def main(argv=None) -> None:
     # Both servers run side by side, idle in turn: the timed requests go in rounds, each round to
     # one server then the other (the order alternating), so that the shared machine's drift over the
     # run weighs on both alike.
-    procs, urls = {}, {}
+    procs, pools = {}, {}
     try:
         for name, (entry, env) in servers.items():
-            procs[name], urls[name] = start(entry, env, work / f"{entry.stem}.log")
+            procs[name], url = start(entry, env, work / f"{entry.stem}.log")
+            pools[name] = Clients(url, args.clients)
         for name in servers:
-            drive(urls[name], warm, args.clients)
+            pools[name].drive(warm)
         walls = {name: 0.0 for name in servers}
         latencies = {name: [] for name in servers}
         answers = {name: [] for name in servers}
@@ -168,7 +179,7 @@ def main(argv=None) -> None:
             chunk = timed[start_at : start_at + size]
             took = {}
             for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                wall, lat, out = drive(urls[name], chunk, args.clients)
+                wall, lat, out = pools[name].drive(chunk)
                 took[name] = wall
                 walls[name] += wall
                 latencies[name] += lat
@@ -176,6 +187,8 @@ def main(argv=None) -> None:
             ours_s, base_s = (took[name] for name in servers)
             round_ratios.append(base_s / ours_s)
     finally:
+        for pool in pools.values():
+            pool.close()
         for proc in procs.values():
             proc.terminate()
         for proc in procs.values():
