@@ -88,7 +88,9 @@ def images(n: int, seed: int) -> list[str]:
 
 
 class Clients:
-    """``n`` client threads, each with its own keep-alive connection, kept across calls to ``drive``."""
+    """``n`` client threads, kept across calls to ``drive``; each call opens fresh keep-alive
+    connections (the server drops idle ones after gunicorn's 2 s keep-alive, e.g. during the
+    other server's round, and a POST on a dropped connection fails)."""
 
     def __init__(self, url: str, n: int):
         self.url = url
@@ -106,15 +108,20 @@ class Clients:
 
     def drive(self, bodies: list[dict]) -> tuple[float, list[float], list]:
         """Send ``bodies`` (one request each, as many at once as there are threads): wall s, latencies, answers."""
+        self.close_sessions()
         started = time.perf_counter()
         results = list(self.pool.map(self._one, bodies))
         wall = time.perf_counter() - started
         return wall, [r[0] for r in results], [r[1] for r in results]
 
-    def close(self) -> None:
-        self.pool.shutdown()
+    def close_sessions(self) -> None:
         for session in self.sessions.values():
             session.close()
+        self.sessions.clear()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.close_sessions()
 
 
 def pct(values: list[float], q: float) -> float:
