@@ -28,8 +28,8 @@ PROMPTS = [
 ]
 
 
-def make_engine(model_dir, **kwargs) -> Engine:
-    loaded = load(Settings.from_env({"BLIP2_MODEL": str(model_dir)}))
+def make_engine(model_dir, dtype: str | None = None, **kwargs) -> Engine:
+    loaded = load(Settings.from_env({"BLIP2_MODEL": str(model_dir), **({"BLIP2_DTYPE": dtype} if dtype else {})}))
     return Engine(loaded.model, loaded.processor, device=loaded.device, dtype=loaded.dtype, max_batch_size=8, **kwargs)
 
 
@@ -156,14 +156,14 @@ def test_a_preallocated_kv_cache_gives_the_same_tokens(demo, tiny, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_greedy_tokens_equal_generate(tiny_model_dir, dtype):
     """The GPU runs fp16 (the Q-Former in fp32): the loop must agree with generate there too."""
-    loaded = load(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_DTYPE": dtype}))
-    engine = Engine(loaded.model, loaded.processor, device="cpu", dtype=loaded.dtype, max_batch_size=8)
+    engine = make_engine(tiny_model_dir, dtype)
     assert engine.model.language_model.dtype == getattr(torch, dtype)
     want, got = both(engine, tiny_items(engine), 6, min_new_tokens=2)
     assert got == want and len({tuple(row) for row in want}) > 1
 
 
 def test_demo_model_rows_end_on_their_own_and_match_generate(demo):
+    assert demo.greedy.steps is not None  # the lean OPT steps: ended rows keep feeding pad there too
     rng = random.Random(11)
     samples = [shapes.sample(rng, (160, 120)) for _ in range(6)]
     prompts = [list(shapes.QUESTIONS.values())[i % len(shapes.QUESTIONS)] for i in range(6)]
@@ -233,8 +233,7 @@ def count_model_calls(lm, monkeypatch) -> list:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_lean_opt_steps_give_the_tokens_of_generate_and_of_the_model_steps(tiny_model_dir, dtype, monkeypatch):
-    loaded = load(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_DTYPE": dtype}))
-    engine = Engine(loaded.model, loaded.processor, device="cpu", dtype=loaded.dtype, max_batch_size=8)
+    engine = make_engine(tiny_model_dir, dtype)
     lm = engine.model.language_model
     assert engine.greedy.steps is not None and engine.greedy.lean_unsupported is None
     model_steps = GreedyDecoder(lm, engine.pad_id, lean=False)
@@ -254,19 +253,6 @@ def test_lean_opt_steps_give_the_tokens_of_generate_and_of_the_model_steps(tiny_
             monkeypatch.undo()
         assert lean == through_model == want
         assert len({tuple(row) for row in want}) > 1 or items is same_length
-
-
-def test_lean_steps_keep_end_of_sequence_and_pad_as_generate(demo):
-    """Rows of the demo model end at different steps: ended rows keep feeding pad, as in generate."""
-    assert demo.greedy.steps is not None
-    rng = random.Random(21)
-    samples = [shapes.sample(rng, (150, 110)) for _ in range(6)]
-    prompts = [list(shapes.QUESTIONS.values())[i % len(shapes.QUESTIONS)] for i in range(6)]
-    items = items_for(demo, [s[0] for s in samples], prompts)
-    want, got = both(demo, items, 16)
-    assert got == want
-    newline = demo.model.config.text_config.eos_token_id
-    assert len({row.index(newline) for row in want}) > 1
 
 
 def test_layouts_the_lean_steps_do_not_cover_go_through_the_model(tiny_model_dir, caplog):
@@ -303,8 +289,7 @@ def test_lean_step_logits_equal_the_models_bit_for_bit(tiny_model_dir):
     """Stronger than equal tokens: each step's logits, padded rows included, are the model's exactly (fp32)."""
     from transformers import DynamicCache
 
-    loaded = load(Settings.from_env({"BLIP2_MODEL": str(tiny_model_dir), "BLIP2_DTYPE": "float32"}))
-    tiny = Engine(loaded.model, loaded.processor, device="cpu", dtype=loaded.dtype, max_batch_size=8)
+    tiny = make_engine(tiny_model_dir, "float32")
     lm = tiny.model.language_model
     decoder = tiny.greedy
     with torch.inference_mode():

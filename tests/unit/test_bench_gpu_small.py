@@ -6,10 +6,16 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
 
 
-def test_gpu_bench_small_writes_its_table(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+def load_bench(name: str):
+    """A fresh copy of bench/gpu.py as a module (it imports the engine inside main())."""
+    spec = importlib.util.spec_from_file_location(name, BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_small_writes_its_table(tmp_path):
+    module = load_bench("bench_gpu")
     out = tmp_path / "gpu.md"
     assert module.main(["--small", "--tokens", "3", "--out", str(out)]) == 0
     table = out.read_text()
@@ -23,9 +29,7 @@ def test_gpu_bench_small_writes_its_table(tmp_path):
 
 
 def test_gpu_bench_past_its_budget_skips_and_still_writes_the_table(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_gpu_budget", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("bench_gpu_budget")
     out = tmp_path / "gpu.md"
     assert module.main(["--small", "--tokens", "2", "--budget-s", "0", "--out", str(out)]) == 0
     table = out.read_text()
@@ -45,9 +49,7 @@ def test_a_failing_decode_variant_is_reported_and_the_rest_still_run(tmp_path, m
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(blip2.engine, "Engine", Broken)
-    spec = importlib.util.spec_from_file_location("bench_gpu_broken", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("bench_gpu_broken")
     out = tmp_path / "gpu.md"
     assert module.main(["--small", "--tokens", "2", "--out", str(out)]) == 0
     table = out.read_text()
