@@ -103,3 +103,15 @@ def test_big_photo_gives_the_same_answer_as_a_small_one(demo):
     small = encoded(shape("orange", "triangle", size=(160, 120), seed=5))
     big = encoded(shape("orange", "triangle", size=(4032, 3024), seed=5), "JPEG", quality=70)
     assert ask(demo, [(b64(small), CAPTION), (b64(big), CAPTION)]) == [expected("caption", "orange", "triangle")] * 2
+
+
+def test_concurrent_one_row_requests_each_get_their_own_answer(demo):
+    """16 clients at once (the batcher groups their rows), bf16: every answer is about its own picture."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    colors, kinds = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle", "circle"]
+    cases = [(colors[i % 4], kinds[(i // 4) % 4], 40 + i) for i in range(16)]
+    rows = [[(b64(encoded(shape(c, s, seed=seed))), CAPTION)] for c, s, seed in cases]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda r: ask(demo, r), rows))
+    assert answers == [[f"a {c} {s}"] for c, s, _ in cases]
