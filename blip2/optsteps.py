@@ -10,6 +10,12 @@ the same weights, the same ops in the same order (``F.linear``, the layer norms,
 Measured on the CPU at batch 16: 0.64 -> 0.34 ms a step for a 2-layer OPT, 3.9 ->
 3.0 ms for a 4-layer one.
 
+The query, key and value projections of a step run as one matrix product: their
+weights are moved into one tensor per layer and the model's own three projections
+become views of it (no extra memory; the model's prefill reads the same values).
+One product instead of three: 2.0 -> 1.75 ms a step for the 4-layer OPT at batch 16
+in bf16 (Intel Xeon with AMX); on a GPU, two kernel launches fewer per layer.
+
 Only the layout of OPT-2.7b and its kin is handled: layer norm before attention,
 no projection in or out of the embeddings, SDPA attention, eval mode.
 ``OPTSteps.unsupported(lm)`` names what is missing; the caller then uses the model.
@@ -34,6 +40,8 @@ class OPTSteps:
         self.layers = decoder.layers
         attn = decoder.layers[0].self_attn
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
+        for layer in self.layers:  # now, while the engine is built, rather than inside the first answer
+            fused_qkv(layer.self_attn)
 
     @staticmethod
     def unsupported(lm) -> str | None:
@@ -84,6 +92,46 @@ def _lin(m):
     return (m.weight, m.bias)
 
 
+def fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of ``attn``'s query, key and value projections, stacked in that order.
+
+    The first call moves the three weights (and biases) into one tensor each and makes
+    the module's projections views of it: the model works as before and nothing is held
+    twice. Later calls return the same tensors while the projections are still their views.
+    """
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    found = getattr(attn, "_blip2_fused_qkv", None)
+    if found is not None and all(_views_of(whole, [getattr(p, name) for p in projs])
+                                 for whole, name in zip(found, ("weight", "bias")) if whole is not None):
+        return found
+    biases = [p.bias for p in projs]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        raise ValueError("some but not all of the query, key and value projections have a bias")
+    fused = (_stack([p.weight for p in projs]), None if biases[0] is None else _stack(biases))
+    attn._blip2_fused_qkv = fused
+    return fused
+
+
+def _stack(params: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor holding ``params`` one after the other along dim 0; each parameter becomes a view of it."""
+    with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, as the parameters were
+        whole = torch.cat([p.detach() for p in params])
+    start = 0
+    for p in params:
+        p.data = whole[start : start + p.shape[0]]  # the same values, now stored in ``whole``
+        start += p.shape[0]
+    return whole
+
+
+def _views_of(whole: torch.Tensor, parts: list[torch.Tensor | None]) -> bool:
+    start = 0
+    for p in parts:
+        if p is None or p.data_ptr() != whole[start:].data_ptr() or p.shape[1:] != whole.shape[1:]:
+            return False
+        start += p.shape[0]
+    return start == whole.shape[0]
+
+
 class _Steps:
     def __init__(self, steps: OPTSteps, keys, values, mask, prefix: int):
         self.s = steps
@@ -92,9 +140,8 @@ class _Steps:
         self.length = prefix  # keys and values held so far
         # each layer's parameters, read once per answer (module calls cost more than the small ops)
         self.layers = [
-            (_norm(l.self_attn_layer_norm), _lin(l.self_attn.q_proj), l.self_attn.scaling, _lin(l.self_attn.k_proj),
-             _lin(l.self_attn.v_proj), _lin(l.self_attn.out_proj), _norm(l.final_layer_norm), _lin(l.fc1),
-             l.activation_fn, _lin(l.fc2))
+            (_norm(l.self_attn_layer_norm), fused_qkv(l.self_attn), l.self_attn.scaling, _lin(l.self_attn.out_proj),
+             _norm(l.final_layer_norm), _lin(l.fc1), l.activation_fn, _lin(l.fc2))
             for l in steps.layers
         ]
 
@@ -106,12 +153,13 @@ class _Steps:
         heads, head_dim = s.heads, s.head_dim
         x = F.embedding(token[:, None], s.embed_tokens.weight) + F.embedding(position + s.positions.offset, s.positions.weight)
         mask = None if self.mask is None else self.mask[:, None, None, : t + 1]
-        for i, (ln1, q_w, scaling, k_w, v_w, o_w, ln2, fc1, act, fc2) in enumerate(self.layers):
+        for i, (ln1, qkv_w, scaling, o_w, ln2, fc1, act, fc2) in enumerate(self.layers):
             h = F.layer_norm(x, *ln1)
-            q = (F.linear(h, *q_w) * scaling).view(batch, 1, heads, head_dim).transpose(1, 2)
+            qkv = F.linear(h, *qkv_w).view(batch, 3, heads, head_dim)
+            q = (qkv[:, 0] * scaling).view(batch, 1, heads, head_dim).transpose(1, 2)
             keys, values = self.keys[i], self.values[i]
-            keys[:, :, t] = F.linear(h, *k_w).view(batch, heads, head_dim)
-            values[:, :, t] = F.linear(h, *v_w).view(batch, heads, head_dim)
+            keys[:, :, t] = qkv[:, 1]
+            values[:, :, t] = qkv[:, 2]
             out = F.scaled_dot_product_attention(
                 q, keys[:, :, : t + 1], values[:, :, : t + 1], attn_mask=mask, dropout_p=0.0, scale=1.0,
             )

@@ -309,3 +309,39 @@ def test_lean_step_logits_equal_the_models_bit_for_bit(tiny_model_dir):
             got = steps(token, position)
             assert torch.equal(got, want)
             token = want.argmax(-1)
+
+
+def test_fused_query_key_value_weights_are_the_models_own_storage(tiny_model_dir):
+    """The lean steps' one QKV product reads a tensor that the model's three projections are views of:
+    nothing is held twice, the model's own outputs do not change, and a moved model is fused anew."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2.optsteps import OPTSteps, fused_qkv
+
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    lm = model.language_model
+    ids = torch.tensor([[2, 40, 41, 42, 43], [1, 1, 2, 44, 45]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        before = lm(input_ids=ids, attention_mask=mask).logits
+    n_before = sum(p.numel() for p in lm.parameters())
+    originals = [[p.weight.clone() for p in (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)]
+                 for l in lm.model.decoder.layers]
+    OPTSteps(lm)
+    for layer, want in zip(lm.model.decoder.layers, originals):
+        attn = layer.self_attn
+        weight, bias = fused_qkv(attn)
+        assert fused_qkv(attn)[0] is weight  # found again, not stacked twice
+        assert torch.equal(weight, torch.cat(want))
+        rows = attn.q_proj.weight.shape[0]
+        for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+            assert isinstance(proj.weight, torch.nn.Parameter)
+            assert proj.weight.data_ptr() == weight[i * rows].data_ptr()
+            assert proj.bias.data_ptr() == bias[i * rows].data_ptr()
+    assert sum(p.numel() for p in lm.parameters()) == n_before
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids, attention_mask=mask).logits, before)
+    lm.to(torch.float64)  # new storage for every parameter: the old stack is stale
+    attn = lm.model.decoder.layers[0].self_attn
+    weight, _ = fused_qkv(attn)
+    assert weight.dtype == torch.float64 and attn.k_proj.weight.data_ptr() == weight[attn.k_proj.weight.shape[0]].data_ptr()
