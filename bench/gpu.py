@@ -6,9 +6,11 @@ the GPU in fp16 (the Q-Former in fp32, as transformers keeps it) and prints a ta
 
 * vision + Q-Former images/s (batch 64);
 * decode ms/step at batch 1/8/32/128 (two answer lengths, difference / extra steps), with
-  the engine's greedy loop (OPT's steps as plain tensor ops, ``blip2/optsteps.py``); the
-  variants (transformers' ``generate``, the loop with its steps through the model with a
-  dynamic then a preallocated KV cache, ``generate`` with a static KV cache) come last;
+  the engine's greedy loop (OPT's steps as plain tensor ops, ``blip2/optsteps.py``, replayed
+  as CUDA graphs, ``blip2/stepgraphs.py``), and how many graphs it captured; the variants
+  (the lean steps without graphs, transformers' ``generate``, the loop with its steps through
+  the model with a dynamic then a preallocated KV cache, ``generate`` with a static KV
+  cache) come last;
 * end-to-end requests/s at concurrency 1/16/64 through ``Service.score_rows`` and the
   micro-batcher (base64 PNGs decoded, preprocessed, embedded and answered);
 * the baseline, measured in the same run: naive per-request transformers (processor +
@@ -205,6 +207,11 @@ def main(argv=None) -> int:
         floor_ms = max(OPT_WEIGHT_BYTES / H200_BYTES_PER_S, b * 2 * 2.7e9 / H200_FLOPS) * 1000
         frac = f"{floor_ms / step_ms:.0%}" if not args.small else "n/a"
         emit(f"| decode step, batch {b} (engine's greedy loop) | {step_ms:.2f} ms/step | {floor_ms:.2f} ms/step | {frac} |")
+    graphs = engine.greedy.graphs
+    emit(f"| CUDA graphs of the decode step | "
+         + ("off (not on CUDA)" if graphs is None else f"{graphs.graphs_made} captured, {graphs.held_bytes() / 2**20:,.0f} MB "
+            f"of keys/values held" + (f"; DROPPED: {graphs.failed}" if graphs.failed else ""))
+         + " | - | - |")
 
     # 3. end to end through Service + batcher, fresh images so the cache does not help
     settings = Settings.from_env({"BLIP2_MAX_BATCH_SIZE": "64" if cuda else "16", "BLIP2_BATCH_WAIT_MS": "5",
@@ -261,6 +268,7 @@ def main(argv=None) -> int:
     # model (dynamic cache, then StaticCache run eagerly); through generate with a static KV cache
     # (BLIP2_STATIC_CACHE=1; on CUDA transformers compiles decode). Each is checked against the loop's answers.
     variants = [
+        ("greedy loop, lean steps without CUDA graphs", dict(cuda_graph_mb=0), (1, 32) if cuda else (1,)),
         ("transformers generate", dict(fast_greedy=False), (1, 32) if cuda else (1,)),
         ("greedy loop, steps through the model", dict(lean_steps=False), (1, 32) if cuda else (1,)),
         ("greedy loop, steps through the model, preallocated KV cache", dict(preallocate_kv=True), (1, 32) if cuda else (1,)),

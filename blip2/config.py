@@ -57,6 +57,7 @@ class Settings:
     warmup: bool = True  # BLIP2_WARMUP=0 skips the warm-up batch
     static_cache: bool = False  # BLIP2_STATIC_CACHE=1: static KV cache (on CUDA transformers also compiles decode)
     fast_greedy: bool = True  # BLIP2_FAST_GREEDY=0: greedy requests use transformers' generate, not our loop
+    cuda_graph_mb: int | None = None  # BLIP2_CUDA_GRAPH_MB: keys/values for CUDA-graph decode steps; None auto, 0 off
     images: ImageLimits = field(default_factory=ImageLimits)
     caps: ParamCaps = field(default_factory=ParamCaps)
 
@@ -101,6 +102,7 @@ class Settings:
             warmup=r.flag("BLIP2_WARMUP", True),
             static_cache=r.flag("BLIP2_STATIC_CACHE", False),
             fast_greedy=r.flag("BLIP2_FAST_GREEDY", True),
+            cuda_graph_mb=r.optional_integer("BLIP2_CUDA_GRAPH_MB", lo=0),
             images=images,
             caps=caps,
         )
@@ -133,6 +135,9 @@ class _Reader:
         if number < lo:
             raise ValueError(f"{name} is {number}; set it to a whole number >= {lo}.")
         return number
+
+    def optional_integer(self, name: str, lo: int) -> int | None:
+        return None if self.text(name) is None else self.integer(name, lo, lo)
 
     def number(self, name: str, default: float, lo: float) -> float:
         value = self.text(name)

@@ -38,6 +38,17 @@ class GenItem:
     prompt_ids: list[int] | None = None  # the prompt's token ids, when the caller has them already
 
 
+def _graph_budget_mb(device: torch.device, asked: float | None) -> float:
+    """MB of keys and values for CUDA-graph decode steps: 0 off the GPU; by default 4096 or a
+    quarter of the free GPU memory, whichever is less."""
+    if device.type != "cuda":
+        return 0.0
+    if asked is not None:
+        return float(asked)
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(4096.0, free / 4 / 2**20)
+
+
 class RowTooLarge(ServiceError):
     status = 503
     code = "out_of_memory"
@@ -47,6 +58,7 @@ class Engine:
     def __init__(
         self, model, processor, *, device, dtype, max_batch_size: int = 16, cache: EmbedCache | None = None,
         static_cache: bool = False, fast_greedy: bool = True, preallocate_kv: bool = False, lean_steps: bool = True,
+        cuda_graph_mb: float | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -62,14 +74,19 @@ class Engine:
         # plain greedy requests skip generate's per-step machinery (same tokens, tested); not with a static cache
         # the loop's decode steps run as plain tensor ops for OPT (lean_steps); preallocate_kv (the model's own
         # steps over transformers' StaticCache) and lean_steps=False are for bench/gpu.py's comparison
+        # on CUDA the lean steps replay as CUDA graphs, their keys and values within cuda_graph_mb (None: auto, 0: off)
+        graph_mb = _graph_budget_mb(self.device, cuda_graph_mb)
         self.greedy = GreedyDecoder(
             model.language_model, processor.tokenizer.pad_token_id, preallocate=preallocate_kv, lean=lean_steps,
+            graph_budget_bytes=int(graph_mb * 1024 * 1024),
         )
         self.fast_greedy = fast_greedy and not static_cache
         if self.fast_greedy and self.greedy.blockers:
             log.info("Greedy requests go through generate: the generation config sets %s", ", ".join(self.greedy.blockers))
         elif self.fast_greedy and self.greedy.lean_unsupported not in (None, "off", "preallocate"):
             log.info("Greedy decode steps go through the model: %s", self.greedy.lean_unsupported)
+        elif self.fast_greedy and self.greedy.graphs is not None:
+            log.info("Greedy decode steps replay as CUDA graphs, keys and values within %.0f MB", graph_mb)
         config = model.config
         self.image_token_id = config.image_token_index
         self.num_query_tokens = config.num_query_tokens

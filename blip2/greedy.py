@@ -12,7 +12,8 @@ the plain greedy case this loop does only what that case needs:
 - stop after ``max_new_tokens`` or once every row has ended.
 
 For OPT (BLIP-2's language model) the steps after the prefill run in ``blip2.optsteps``:
-the same arithmetic as plain tensor ops over preallocated keys and values.
+the same arithmetic as plain tensor ops over preallocated keys and values; on the GPU,
+at fixed shapes replayed as CUDA graphs (``blip2.stepgraphs``).
 
 ``GreedyDecoder.handles(params)`` says when it applies: no sampling, one beam, no
 repetition penalty or n-gram ban, and a generation config with nothing set that
@@ -41,21 +42,30 @@ _MUST_BE_DEFAULT = (
 
 
 class GreedyDecoder:
-    def __init__(self, language_model, pad_token_id: int, preallocate: bool = False, lean: bool = True):
+    def __init__(self, language_model, pad_token_id: int, preallocate: bool = False, lean: bool = True,
+                 graph_budget_bytes: int = 0, capture: bool | None = None):
         """``lean``: after the prefill, run OPT's decode steps as plain tensor ops over keys and values
         in buffers sized up front (``blip2.optsteps``; same tokens), when the model's layout allows;
         else each step goes through the model. ``preallocate`` (for the model's own steps only):
         keep keys and values in transformers' StaticCache, run eagerly, instead of a cache that
-        grows by concatenation. bench/gpu.py times all three."""
+        grows by concatenation. bench/gpu.py times all three.
+
+        ``graph_budget_bytes`` > 0 (with the lean steps): run the steps at fixed shapes within that
+        many bytes of keys and values, replayed as CUDA graphs where ``capture`` (default: on CUDA),
+        eagerly otherwise (``blip2.stepgraphs``)."""
         from transformers import GenerationConfig
 
         from .optsteps import OPTSteps
+        from .stepgraphs import StepGraphs
 
         self.lm = language_model
         self.pad_id = int(pad_token_id)
         self.preallocate = preallocate
         self.lean_unsupported = "off" if not lean else "preallocate" if preallocate else OPTSteps.unsupported(language_model)
         self.steps = OPTSteps(language_model) if self.lean_unsupported is None else None
+        self.graphs = (
+            StepGraphs(self.steps, graph_budget_bytes, capture) if self.steps is not None and graph_budget_bytes > 0 else None
+        )
         accepted = inspect.signature(language_model.forward).parameters
         # transformers 5.25 renamed ``past_key_values`` to ``cache``; 5.17 (the GPU machine) has the old name
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
@@ -99,7 +109,9 @@ class GreedyDecoder:
         position = positions[:, -1:]
         logits = out.logits[:, -1]
         if self.steps is not None and max_new_tokens > 1:
-            step_fn = self.steps.begin(cache, mask, max_new_tokens - 1)
+            step_fn = self.graphs.begin(cache, mask, max_new_tokens - 1) if self.graphs is not None else None
+            if step_fn is None:  # no graphs, or a shape over their whole budget
+                step_fn = self.steps.begin(cache, mask, max_new_tokens - 1)
             del out, cache, extra  # the steps hold their own copies of the keys and values
         else:
             ones = mask.new_ones(mask.shape[0], 1)

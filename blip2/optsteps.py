@@ -60,6 +60,35 @@ class OPTSteps:
             return "training mode (dropout)"
         return None
 
+    def weights(self) -> list[tuple]:
+        """Each layer's parameters, in the order ``step`` unpacks them."""
+        return [
+            (_norm(l.self_attn_layer_norm), fused_qkv(l.self_attn), l.self_attn.scaling, _lin(l.self_attn.out_proj),
+             _norm(l.final_layer_norm), _lin(l.fc1), l.activation_fn, _lin(l.fc2))
+            for l in self.layers
+        ]
+
+    def step(self, weights: list[tuple], token: torch.Tensor, position: torch.Tensor, attend) -> torch.Tensor:
+        """One decode step: token ids (batch) at ``position`` (batch x 1) -> the next logits (batch x vocab).
+
+        ``attend(i, q, k, v)`` stores layer ``i``'s new key and value (batch x heads x head_dim)
+        wherever its caller keeps them and returns the attention output for the query ``q``
+        (batch x heads x 1 x head_dim, already scaled); the rest is OPT's arithmetic.
+        """
+        batch = token.shape[0]
+        heads, head_dim = self.heads, self.head_dim
+        x = F.embedding(token[:, None], self.embed_tokens.weight) + F.embedding(position + self.positions.offset, self.positions.weight)
+        for i, (ln1, qkv_w, scaling, o_w, ln2, fc1, act, fc2) in enumerate(weights):
+            h = F.layer_norm(x, *ln1)
+            qkv = F.linear(h, *qkv_w).view(batch, 3, heads, head_dim)
+            q = (qkv[:, 0] * scaling).view(batch, 1, heads, head_dim).transpose(1, 2)
+            out = attend(i, q, qkv[:, 1], qkv[:, 2])
+            x = x + F.linear(out.transpose(1, 2).reshape(batch, 1, heads * head_dim), *o_w)
+            x = x + F.linear(act(F.linear(F.layer_norm(x, *ln2), *fc1)), *fc2)
+        if self.final_norm is not None:
+            x = F.layer_norm(x, *_norm(self.final_norm))
+        return F.linear(x[:, -1], *_lin(self.lm.lm_head))
+
     def begin(self, cache, attention_mask: torch.Tensor, max_new_tokens: int) -> "_Steps":
         """Take the prefill's keys and values from ``cache`` (a DynamicCache) into buffers with room for
         ``max_new_tokens`` more; the returned callable runs one step per call."""
@@ -133,39 +162,28 @@ def _views_of(whole: torch.Tensor, parts: list[torch.Tensor | None]) -> bool:
 
 
 class _Steps:
+    """One answer's steps over keys and values that grow by one position a step."""
+
     def __init__(self, steps: OPTSteps, keys, values, mask, prefix: int):
         self.s = steps
         self.keys, self.values = keys, values
         self.mask = mask  # batch x total bool, or None without padding (as transformers passes it to SDPA)
         self.length = prefix  # keys and values held so far
-        # each layer's parameters, read once per answer (module calls cost more than the small ops)
-        self.layers = [
-            (_norm(l.self_attn_layer_norm), fused_qkv(l.self_attn), l.self_attn.scaling, _lin(l.self_attn.out_proj),
-             _norm(l.final_layer_norm), _lin(l.fc1), l.activation_fn, _lin(l.fc2))
-            for l in steps.layers
-        ]
+        self.weights = steps.weights()  # read once per answer (module calls cost more than the small ops)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Token ids (batch) at ``position`` (batch x 1) -> the next logits (batch x vocab)."""
-        s = self.s
         t = self.length
-        batch = token.shape[0]
-        heads, head_dim = s.heads, s.head_dim
-        x = F.embedding(token[:, None], s.embed_tokens.weight) + F.embedding(position + s.positions.offset, s.positions.weight)
         mask = None if self.mask is None else self.mask[:, None, None, : t + 1]
-        for i, (ln1, qkv_w, scaling, o_w, ln2, fc1, act, fc2) in enumerate(self.layers):
-            h = F.layer_norm(x, *ln1)
-            qkv = F.linear(h, *qkv_w).view(batch, 3, heads, head_dim)
-            q = (qkv[:, 0] * scaling).view(batch, 1, heads, head_dim).transpose(1, 2)
+
+        def attend(i, q, k, v):
             keys, values = self.keys[i], self.values[i]
-            keys[:, :, t] = qkv[:, 1]
-            values[:, :, t] = qkv[:, 2]
-            out = F.scaled_dot_product_attention(
+            keys[:, :, t] = k
+            values[:, :, t] = v
+            return F.scaled_dot_product_attention(
                 q, keys[:, :, : t + 1], values[:, :, : t + 1], attn_mask=mask, dropout_p=0.0, scale=1.0,
             )
-            x = x + F.linear(out.transpose(1, 2).reshape(batch, 1, heads * head_dim), *o_w)
-            x = x + F.linear(act(F.linear(F.layer_norm(x, *ln2), *fc1)), *fc2)
-        if s.final_norm is not None:
-            x = F.layer_norm(x, *_norm(s.final_norm))
+
+        logits = self.s.step(self.weights, token, position, attend)
         self.length = t + 1
-        return F.linear(x[:, -1], *_lin(s.lm.lm_head))
+        return logits

@@ -172,7 +172,7 @@ def _load_engine(settings: Settings) -> Engine:
     engine = Engine(
         loaded.model, loaded.processor, device=loaded.device, dtype=loaded.dtype,
         max_batch_size=settings.max_batch_size, cache=cache, static_cache=settings.static_cache,
-        fast_greedy=settings.fast_greedy,
+        fast_greedy=settings.fast_greedy, cuda_graph_mb=settings.cuda_graph_mb,
     )
     if settings.warmup:
         started = time.perf_counter()

@@ -24,8 +24,10 @@ def test_gpu_bench_small_writes_its_table(tmp_path):
     assert table.count("\n| ") >= 9
     # the engine's greedy loop (lean OPT steps) answers as transformers' generate does, and as the
     # loop does with its steps through the model, with either KV cache
-    for variant in ("transformers generate", "steps through the model", "preallocated KV cache", "static KV cache"):
+    for variant in ("lean steps without CUDA graphs", "transformers generate", "steps through the model",
+                    "preallocated KV cache", "static KV cache"):
         assert f"{variant} (answers identical)" in table
+    assert "| CUDA graphs of the decode step | off (not on CUDA) |" in table
 
 
 def test_gpu_bench_past_its_budget_skips_and_still_writes_the_table(tmp_path):
