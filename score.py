@@ -28,4 +28,6 @@ def init():
 @rawhttp
 def run(request):
     status, body = handle(_service, request)
+    if status == 200:  # azmlinfsrv sends a plain value as JSON with 200, without logging a line for it
+        return body
     return AMLResponse(body, status, json_str=True)
