@@ -78,7 +78,7 @@ class Engine:
         graph_mb = _graph_budget_mb(self.device, cuda_graph_mb)
         self.greedy = GreedyDecoder(
             model.language_model, processor.tokenizer.pad_token_id, preallocate=preallocate_kv, lean=lean_steps,
-            graph_budget_bytes=int(graph_mb * 1024 * 1024),
+            graph_budget_bytes=int(graph_mb * 1024 * 1024), graph_rows=max_batch_size,
         )
         self.fast_greedy = fast_greedy and not static_cache
         if self.fast_greedy and self.greedy.blockers:

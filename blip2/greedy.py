@@ -43,16 +43,16 @@ _MUST_BE_DEFAULT = (
 
 class GreedyDecoder:
     def __init__(self, language_model, pad_token_id: int, preallocate: bool = False, lean: bool = True,
-                 graph_budget_bytes: int = 0, capture: bool | None = None):
+                 graph_budget_bytes: int = 0, graph_rows: int = 16, capture: bool | None = None):
         """``lean``: after the prefill, run OPT's decode steps as plain tensor ops over keys and values
         in buffers sized up front (``blip2.optsteps``; same tokens), when the model's layout allows;
         else each step goes through the model. ``preallocate`` (for the model's own steps only):
         keep keys and values in transformers' StaticCache, run eagerly, instead of a cache that
         grows by concatenation. bench/gpu.py times all three.
 
-        ``graph_budget_bytes`` > 0 (with the lean steps): run the steps at fixed shapes within that
-        many bytes of keys and values, replayed as CUDA graphs where ``capture`` (default: on CUDA),
-        eagerly otherwise (``blip2.stepgraphs``)."""
+        ``graph_budget_bytes`` > 0 (with the lean steps): run the steps of batches of up to
+        ``graph_rows`` rows at fixed shapes within that many bytes of keys and values, replayed as
+        CUDA graphs where ``capture`` (default: on CUDA), eagerly otherwise (``blip2.stepgraphs``)."""
         from transformers import GenerationConfig
 
         from .optsteps import OPTSteps
@@ -64,7 +64,8 @@ class GreedyDecoder:
         self.lean_unsupported = "off" if not lean else "preallocate" if preallocate else OPTSteps.unsupported(language_model)
         self.steps = OPTSteps(language_model) if self.lean_unsupported is None else None
         self.graphs = (
-            StepGraphs(self.steps, graph_budget_bytes, capture) if self.steps is not None and graph_budget_bytes > 0 else None
+            StepGraphs(self.steps, graph_budget_bytes, graph_rows, capture)
+            if self.steps is not None and graph_budget_bytes > 0 else None
         )
         accepted = inspect.signature(language_model.forward).parameters
         # transformers 5.25 renamed ``past_key_values`` to ``cache``; 5.17 (the GPU machine) has the old name

@@ -21,9 +21,10 @@ then replayed, its logits must equal the last warm-up's bit for bit. A graph tha
 differs, or a capture that fails, is dropped with a warning, and from then on the
 steps run eagerly.
 
-Buffers are kept per (rows, positions) shape, the least recently used dropped first,
-within a budget in bytes; a shape over the whole budget is not served here
-(``begin`` returns None) and the caller runs ``OPTSteps``.
+Buffers are kept per length (for the engine's largest batch), the least recently used
+dropped first, within a budget in bytes; a smaller batch's step works on the leading
+rows of the same buffers, with a graph of its own. A length over the whole budget is
+not served here (``begin`` returns None) and the caller runs ``OPTSteps``.
 """
 
 from __future__ import annotations
@@ -40,75 +41,81 @@ log = logging.getLogger("blip2.stepgraphs")
 
 
 class StepGraphs:
-    def __init__(self, steps: OPTSteps, budget_bytes: int, capture: bool | None = None,
+    def __init__(self, steps: OPTSteps, budget_bytes: int, max_rows: int, capture: bool | None = None,
                  row_multiple: int = 8, length_multiple: int = 32):
         self.steps = steps
         self.budget_bytes = int(budget_bytes)
+        self.row_multiple, self.length_multiple = row_multiple, length_multiple
+        self.max_rows = _round_up(max_rows, row_multiple)
         self.device = steps.embed_tokens.weight.device
         self.capture = self.device.type == "cuda" if capture is None else capture
-        self.row_multiple, self.length_multiple = row_multiple, length_multiple
-        self.shapes: OrderedDict[tuple[int, int], _Shape] = OrderedDict()
+        self.buffers: OrderedDict[int, _Buffers] = OrderedDict()  # by length, least recently used first
         self.failed: str | None = None  # why capturing was given up, once it was
         self.graphs_made = 0
 
     def shape_for(self, batch: int, total: int) -> tuple[int, int]:
-        """(rows, positions) of the buffers that serve ``batch`` rows of ``total`` positions."""
+        """(rows, positions) of the step that serves ``batch`` rows of ``total`` positions."""
         return _round_up(batch, self.row_multiple), _round_up(total, self.length_multiple)
 
-    def bytes_for(self, rows: int, length: int) -> int:
-        """Bytes of keys and values for one shape."""
+    def bytes_for(self, length: int) -> int:
+        """Bytes of keys and values for ``max_rows`` rows of ``length`` positions."""
         s = self.steps
         size = s.embed_tokens.weight.element_size()
-        return 2 * len(s.layers) * rows * s.heads * length * s.head_dim * size
+        return 2 * len(s.layers) * self.max_rows * s.heads * length * s.head_dim * size
 
     def held_bytes(self) -> int:
-        return sum(self.bytes_for(*shape) for shape in self.shapes)
+        return sum(self.bytes_for(length) for length in self.buffers)
 
     def begin(self, cache, attention_mask: torch.Tensor, max_new_tokens: int):
         """Like ``OPTSteps.begin``: a callable ``(token, position) -> logits`` for the steps of one
-        answer, over fixed buffers filled with the prefill's keys and values; None when the shape
-        needs more than the whole budget."""
+        answer, over fixed buffers filled with the prefill's keys and values; None when the batch
+        has more rows than ``max_rows`` or its length needs more than the whole budget."""
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != len(self.steps.layers):
             raise ValueError("the prefill cache does not hold one keys/values pair per layer")
         batch, prefix = attention_mask.shape
-        key = self.shape_for(batch, prefix + max_new_tokens)
-        if self.bytes_for(*key) > self.budget_bytes:
+        rows, length = self.shape_for(batch, prefix + max_new_tokens)
+        if rows > self.max_rows or self.bytes_for(length) > self.budget_bytes:
             return None
-        shape = self.shapes.pop(key, None)
-        if shape is None:
-            while self.shapes and self.held_bytes() + self.bytes_for(*key) > self.budget_bytes:
-                self.shapes.popitem(last=False)  # least recently used
-            shape = _Shape(self, *key)
-        self.shapes[key] = shape  # now the most recently used
-        shape.load(layers, attention_mask)
+        buffers = self.buffers.pop(length, None)
+        if buffers is None:
+            while self.buffers and self.held_bytes() + self.bytes_for(length) > self.budget_bytes:
+                self.buffers.popitem(last=False)
+            buffers = _Buffers(self, length)
+        self.buffers[length] = buffers  # now the most recently used
+        buffers.load(layers, attention_mask)
+        graph = buffers.graphs.get(rows)
+        if graph is None:
+            graph = buffers.graphs[rows] = _Step(buffers, rows)
         at = prefix
 
         def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
             nonlocal at
-            shape.tokens[:batch].copy_(token)
-            shape.positions[:batch].copy_(position)
-            shape.at.fill_(at)
+            buffers.tokens[:batch].copy_(token)
+            buffers.positions[:batch].copy_(position)
+            buffers.at.fill_(at)
             at += 1
-            return shape.run()[:batch]
+            return graph.run()[:batch]
 
         return step
 
     def _give_up(self, why: str) -> None:
         self.failed = why
         self.capture = False
-        for shape in self.shapes.values():
-            shape.graph = shape.out = None
+        for buffers in self.buffers.values():
+            for graph in buffers.graphs.values():
+                graph.graph = graph.out = None
         log.warning("Decode steps will run without CUDA graphs: %s", why)
 
 
-class _Shape:
-    """Fixed buffers for ``rows`` x ``length`` positions, and the graph of a step over them once captured."""
+class _Buffers:
+    """Keys, values and step inputs for ``max_rows`` rows of ``length`` positions; the steps of
+    fewer rows (``_Step``) work on their leading rows."""
 
-    def __init__(self, owner: StepGraphs, rows: int, length: int):
+    def __init__(self, owner: StepGraphs, length: int):
         s = owner.steps
         self.owner = owner
-        dev, dtype = owner.device, s.embed_tokens.weight.dtype
+        rows, dev, dtype = owner.max_rows, owner.device, s.embed_tokens.weight.dtype
         self.keys = [torch.zeros(rows, s.heads, length, s.head_dim, dtype=dtype, device=dev) for _ in s.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
@@ -117,7 +124,7 @@ class _Shape:
         self.open = torch.ones(rows, length, dtype=torch.bool, device=dev)  # False: left padding
         self.index = torch.arange(length, device=dev)
         self.weights = s.weights()
-        self.graph = self.out = None
+        self.graphs: dict[int, _Step] = {}
 
     def load(self, layers, attention_mask: torch.Tensor) -> None:
         """Take one batch's prefill keys and values and padding; rows past the batch keep old, finite values."""
@@ -128,18 +135,28 @@ class _Shape:
         self.open.fill_(True)
         self.open[:batch, :prefix].copy_(attention_mask.bool())
 
+
+class _Step:
+    """The step over the first ``rows`` rows of ``buffers``, and its CUDA graph once captured."""
+
+    def __init__(self, buffers: _Buffers, rows: int):
+        self.b, self.rows = buffers, rows
+        self.owner = buffers.owner
+        self.graph = self.out = None
+
     def step(self) -> torch.Tensor:
         """One step on the fixed tensors only (nothing that changes per step is a Python value)."""
-        at = self.at
-        mask = (self.open & (self.index <= at))[:, None, None, :]
+        b, n = self.b, self.rows
+        at = b.at
+        mask = (b.open[:n] & (b.index <= at))[:, None, None, :]
 
         def attend(i, q, k, v):
-            keys, values = self.keys[i], self.values[i]
+            keys, values = b.keys[i][:n], b.values[i][:n]
             keys.index_copy_(2, at, k.unsqueeze(2))
             values.index_copy_(2, at, v.unsqueeze(2))
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=0.0, scale=1.0)
 
-        return self.owner.steps.step(self.weights, self.tokens, self.positions, attend)
+        return self.owner.steps.step(b.weights, b.tokens[:n], b.positions[:n], attend)
 
     def run(self) -> torch.Tensor:
         if self.graph is not None:

@@ -18,7 +18,7 @@ from blip2 import shapes
 from blip2.config import Settings
 from blip2.engine import Engine
 from blip2.greedy import GreedyDecoder
-from blip2.stepgraphs import StepGraphs, _Shape
+from blip2.stepgraphs import StepGraphs, _Step
 from greedyhelp import both, count_model_calls, items_for, make_engine, strip_pad, tiny_items
 
 BIG = 1 << 30
@@ -26,7 +26,8 @@ BIG = 1 << 30
 
 def with_graphs(engine: Engine, budget: int = BIG, capture: bool = False) -> GreedyDecoder:
     """The engine's greedy loop, its lean steps run at fixed shapes (``capture`` False: eagerly)."""
-    decoder = GreedyDecoder(engine.model.language_model, engine.pad_id, graph_budget_bytes=budget, capture=capture)
+    decoder = GreedyDecoder(engine.model.language_model, engine.pad_id, graph_budget_bytes=budget,
+                            graph_rows=engine.max_batch_size, capture=capture)
     assert decoder.graphs is not None
     engine.greedy = decoder
     return decoder
@@ -45,7 +46,7 @@ def test_fixed_shape_steps_give_the_tokens_of_generate(tiny_model_dir, dtype, mo
         want, got = both(engine, items, 9, min_new_tokens=3)
         assert got == want
         assert len({tuple(row) for row in want}) > 1 or len(items) == 3
-    assert graphs.shapes and all(rows == 8 for rows, _ in graphs.shapes)  # the steps ran in fixed buffers
+    assert graphs.buffers and all(list(b.graphs) == [8] for b in graphs.buffers.values())  # the steps ran in fixed buffers
     with torch.inference_mode():
         _, mask, embeds = engine.lm_inputs(tiny_items(engine))
         calls = count_model_calls(engine.model.language_model, monkeypatch)
@@ -83,7 +84,7 @@ def assert_same_steps(engine: Engine, graphs: StepGraphs, items, n: int) -> None
 
 def test_fixed_step_logits_match_the_lean_steps(tiny_model_dir):
     engine = make_engine(tiny_model_dir, "float32")
-    graphs = StepGraphs(engine.greedy.steps, BIG, capture=False)
+    graphs = StepGraphs(engine.greedy.steps, BIG, engine.max_batch_size, capture=False)
     assert_same_steps(engine, graphs, tiny_items(engine), 5)  # left padded
     assert_same_steps(engine, graphs, same_prompt_items(engine, 3, 4), 5)  # no padding
 
@@ -91,7 +92,7 @@ def test_fixed_step_logits_match_the_lean_steps(tiny_model_dir):
 def test_reused_buffers_carry_nothing_from_the_previous_batch(tiny_model_dir):
     """Smaller batches with shorter prompts after larger ones, in the same buffers: the same logits and tokens."""
     engine = make_engine(tiny_model_dir, "float32")
-    graphs = StepGraphs(engine.greedy.steps, BIG, capture=False)
+    graphs = StepGraphs(engine.greedy.steps, BIG, engine.max_batch_size, capture=False)
     big = tiny_items(engine)  # 5 rows, left padded
     rng = random.Random(11)
     # one row padded over more positions than the next batches' whole prompts hold
@@ -100,36 +101,59 @@ def test_reused_buffers_carry_nothing_from_the_previous_batch(tiny_model_dir):
     for items in (lopsided, small, big, big[1:4], small):
         prefix = engine.lm_inputs(items)[1].shape[1]
         assert_same_steps(engine, graphs, items, 121 - prefix)  # 121 positions: all in one 128-position shape
-    assert list(graphs.shapes) == [(8, 128)]
+    assert list(graphs.buffers) == [128]
     loop = with_graphs(engine).graphs  # the greedy loop on such buffers gives generate's tokens
     for items in (lopsided, small):
         want, got = both(engine, items, 122 - engine.lm_inputs(items)[1].shape[1])
         assert got == want
-    assert list(loop.shapes) == [(8, 128)]
+    assert list(loop.buffers) == [128]
 
 
-def test_the_byte_budget_keeps_the_most_recent_shape_and_sends_bigger_ones_to_the_lean_steps(tiny_model_dir):
+def test_smaller_batches_share_the_buffers_of_their_length_with_graphs_of_their_own(tiny_model_dir):
     engine = make_engine(tiny_model_dir, "float32")
-    probe = StepGraphs(engine.greedy.steps, BIG, capture=False)
-    one = probe.bytes_for(8, 96)
-    graphs = with_graphs(engine, budget=one + one // 2).graphs  # room for one 8 x 96 shape, not two
+    graphs = StepGraphs(engine.greedy.steps, BIG, 16, capture=False)
+    ten = tiny_items(engine) + same_prompt_items(engine, 5, 6)
+    for items in (ten, ten[:5], ten[3:6], ten):
+        assert_same_steps(engine, graphs, items, 90 - engine.lm_inputs(items)[1].shape[1])
+    assert list(graphs.buffers) == [96]
+    assert sorted(graphs.buffers[96].graphs) == [8, 16]
+    assert graphs.buffers[96].keys[0].shape[0] == 16
+    assert graphs.held_bytes() == graphs.bytes_for(96)
+
+
+def test_the_byte_budget_keeps_the_most_recent_length_and_sends_the_rest_to_the_lean_steps(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, "float32")
+    probe = StepGraphs(engine.greedy.steps, BIG, engine.max_batch_size, capture=False)
+    one = probe.bytes_for(96)
+    graphs = with_graphs(engine, budget=one + one // 2).graphs  # room for one 96-position buffer, not two
     padded, even = tiny_items(engine), same_prompt_items(engine, 3, 5)
-    assert both(engine, padded, 4)[1] == both(engine, padded, 4)[0]
-    assert list(graphs.shapes) == [(8, 96)]
-    long_answer = 96 + 10  # more positions than the first shape has: a second shape, the first dropped
-    want, got = both(engine, even, long_answer - len(engine.tokenize(["Question: what shape is this? Answer:"])[0]) - 32)
+    want, got = both(engine, padded, 4)
+    assert got == want and list(graphs.buffers) == [96]
+    prefix = engine.lm_inputs(even)[1].shape[1]
+    want, got = both(engine, even, 110 - prefix)  # 109 positions: a 128-position buffer, the 96 one dropped
     assert got == want
-    assert list(graphs.shapes) == [(8, 128)] and graphs.held_bytes() <= graphs.budget_bytes
-    graphs.budget_bytes = one - 1  # now no shape fits: the lean steps run, with the same tokens
-    graphs.shapes.clear()
+    assert list(graphs.buffers) == [128] and graphs.held_bytes() <= graphs.budget_bytes
+    graphs.budget_bytes = one - 1  # now no length fits: the lean steps run, with the same tokens
+    graphs.buffers.clear()
     want, got = both(engine, padded, 5)
-    assert got == want and not graphs.shapes
+    assert got == want and not graphs.buffers
+
+
+def test_a_batch_over_the_graph_rows_runs_the_lean_steps(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, "float32")
+    graphs = with_graphs(engine).graphs
+    assert graphs.max_rows == engine.max_batch_size == 8
+    graphs.max_rows = graphs.row_multiple = 4  # as if the engine's batches had at most 4 rows
+    want, got = both(engine, tiny_items(engine), 5)  # 5 rows
+    assert got == want and not graphs.buffers
+    want, got = both(engine, tiny_items(engine)[:3], 5)
+    assert got == want and [list(b.graphs) for b in graphs.buffers.values()] == [[4]]
 
 
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on the CPU: ``replay`` runs the step and writes its output."""
 
-    def __init__(self, shape: _Shape, out: torch.Tensor, skew: float = 0.0):
+    def __init__(self, shape: _Step, out: torch.Tensor, skew: float = 0.0):
         self.shape, self.out, self.skew, self.replays = shape, out, skew, 0
 
     def replay(self):
@@ -138,7 +162,7 @@ class FakeGraph:
 
 
 def fake_record(made: list, skew: float = 0.0):
-    def record(shape: _Shape):
+    def record(shape: _Step):
         eager = shape.step()
         graph = FakeGraph(shape, torch.empty_like(eager), skew)
         made.append(graph)
@@ -149,7 +173,7 @@ def fake_record(made: list, skew: float = 0.0):
 def test_a_graph_that_replays_the_eager_step_is_kept_and_replayed(tiny_model_dir, monkeypatch):
     engine = make_engine(tiny_model_dir, "float32")
     made = []
-    monkeypatch.setattr(_Shape, "_record", fake_record(made))
+    monkeypatch.setattr(_Step, "_record", fake_record(made))
     graphs = with_graphs(engine, capture=True).graphs
     items = tiny_items(engine)
     want, got = both(engine, items, 6)
@@ -164,11 +188,11 @@ def test_a_graph_that_differs_or_fails_is_dropped_and_the_steps_run_eagerly(tiny
     engine = make_engine(tiny_model_dir, "float32")
     made = []
     if failure == "differs":
-        monkeypatch.setattr(_Shape, "_record", fake_record(made, skew=1e-3))
+        monkeypatch.setattr(_Step, "_record", fake_record(made, skew=1e-3))
     else:
         def broken(shape):
             raise RuntimeError("operation not permitted when stream is capturing")
-        monkeypatch.setattr(_Shape, "_record", broken)
+        monkeypatch.setattr(_Step, "_record", broken)
     graphs = with_graphs(engine, capture=True).graphs
     items = tiny_items(engine)
     with caplog.at_level("WARNING", logger="blip2.stepgraphs"):
