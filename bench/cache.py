@@ -11,7 +11,7 @@ five different images (the cache works across requests). Every repeat uses fresh
 images, encoded before the clock starts, so no earlier repeat warms the cache.
 Prints ms per five questions and the ratios.
 
-    python bench/cache.py [--repeat 5]
+    python bench/cache.py [--repeat 5] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="the service's dtype (default: its own CPU default, bfloat16 where the CPU has it)")
     args = parser.parse_args(argv)
 
     from blip2 import modelthread
@@ -59,7 +61,8 @@ def main(argv=None) -> None:
     sizes = TinySizes(vision_hidden=384, vision_layers=6, vision_heads=6, patch_size=14, qformer_hidden=128, text_hidden=64)
     # built on the model thread, as in the server, where the main thread runs no torch work
     folder = modelthread.run(make_tiny_blip2, tempfile.mkdtemp(prefix="bench-cache-") + "/model", sizes)
-    service = Service.from_settings(Settings.from_env({"BLIP2_MODEL": str(folder), "BLIP2_WARMUP": "1", "BLIP2_MAX_BATCH_SIZE": "8"}))
+    env = {"BLIP2_MODEL": str(folder), "BLIP2_WARMUP": "1", "BLIP2_MAX_BATCH_SIZE": "8"}
+    service = Service.from_settings(Settings.from_env({**env, **({"BLIP2_DTYPE": args.dtype} if args.dtype else {})}))
     params = GenerationParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     seeds = iter(range(10**6))
 
@@ -89,7 +92,8 @@ def main(argv=None) -> None:
     service.close()
     medians = [(name, statistics.median(ms)) for name, ms in timings.items()]
     print(f"vision tower: {sizes.vision_hidden} wide, {sizes.vision_layers} layers, patch {sizes.patch_size}; "
-          f"max_new_tokens={args.max_new_tokens}; {args.repeat} repeats, median ms for five questions")
+          f"max_new_tokens={args.max_new_tokens}; {args.repeat} repeats, median ms for five questions; "
+          f"dtype {str(service.engine.dtype).replace('torch.', '')}")
     for (base_name, base), (name, ms) in (medians[0:2], medians[2:4]):
         print(f"  {base_name:58s} {base:8.1f} ms")
         print(f"  {name:58s} {ms:8.1f} ms   {base / ms:5.2f}x cheaper")
