@@ -81,7 +81,11 @@ class StepGraphs:
         if buffers is None:
             while self.buffers and self.held_bytes() + self.bytes_for(length) > self.budget_bytes:
                 self.buffers.popitem(last=False)
-            buffers = _Buffers(self, length)
+            try:
+                buffers = _Buffers(self, length)
+            except torch.OutOfMemoryError:  # the budget is more than the device has now: shrink it, not the batch
+                self._shrink_budget(length)
+                return None
         self.buffers[length] = buffers  # now the most recently used
         buffers.load(layers, attention_mask)
         graph = buffers.graphs.get(rows)
@@ -98,6 +102,15 @@ class StepGraphs:
             return graph.run()[:batch]
 
         return step
+
+    def _shrink_budget(self, length: int) -> None:
+        """After the buffers for ``length`` did not fit in device memory: hold only what fits now."""
+        held = self.held_bytes()
+        self.budget_bytes = held if held else self.bytes_for(length) - 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("Out of device memory for the decode-step buffers of %d positions; these steps run without "
+                    "graphs, and the graphs' budget is now %.0f MB", length, self.budget_bytes / 2**20)
 
     def _give_up(self, why: str) -> None:
         self.failed = why

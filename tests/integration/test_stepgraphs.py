@@ -18,7 +18,7 @@ from blip2 import shapes
 from blip2.config import Settings
 from blip2.engine import Engine
 from blip2.greedy import GreedyDecoder
-from blip2.stepgraphs import StepGraphs, _Step
+from blip2.stepgraphs import StepGraphs, _Buffers, _Step
 from greedyhelp import both, count_model_calls, items_for, make_engine, strip_pad, tiny_items
 
 BIG = 1 << 30
@@ -148,6 +148,26 @@ def test_a_batch_over_the_graph_rows_runs_the_lean_steps(tiny_model_dir):
     assert got == want and not graphs.buffers
     want, got = both(engine, tiny_items(engine)[:3], 5)
     assert got == want and [list(b.graphs) for b in graphs.buffers.values()] == [[4]]
+
+
+def test_buffers_that_do_not_fit_in_device_memory_shrink_the_budget_not_the_batch(tiny_model_dir, monkeypatch, caplog):
+    engine = make_engine(tiny_model_dir, "float32")
+    graphs = with_graphs(engine).graphs
+    want, got = both(engine, tiny_items(engine), 4)
+    assert got == want and list(graphs.buffers) == [96]
+    def full(self, owner, length):  # the device is full: no more buffers can be made
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(_Buffers, "__init__", full)
+    even = same_prompt_items(engine, 3, 5)
+    with caplog.at_level("WARNING", logger="blip2.stepgraphs"):
+        want, got = both(engine, even, 110 - engine.lm_inputs(even)[1].shape[1])  # needs a 128-position buffer
+    monkeypatch.undo()
+    assert got == want  # answered by the lean steps
+    assert "Out of device memory" in caplog.text
+    assert list(graphs.buffers) == [96] and graphs.budget_bytes == graphs.bytes_for(96)  # what it holds still serves
+    want, got = both(engine, tiny_items(engine), 4)
+    assert got == want and list(graphs.buffers) == [96]
 
 
 class FakeGraph:
