@@ -208,10 +208,13 @@ def main(argv=None) -> int:
         frac = f"{floor_ms / step_ms:.0%}" if not args.small else "n/a"
         emit(f"| decode step, batch {b} (engine's greedy loop) | {step_ms:.2f} ms/step | {floor_ms:.2f} ms/step | {frac} |")
     graphs = engine.greedy.graphs
-    emit(f"| CUDA graphs of the decode step | "
-         + ("off (not on CUDA)" if graphs is None else f"{graphs.graphs_made} captured, {graphs.held_bytes() / 2**20:,.0f} MB "
-            f"of keys/values held" + (f"; DROPPED: {graphs.failed}" if graphs.failed else ""))
-         + " | - | - |")
+    if graphs is None:
+        graph_state = "off (not on CUDA)"
+    else:
+        graph_state = f"{graphs.graphs_made} captured, {graphs.held_bytes() / 2**20:,.0f} MB of keys/values held"
+        if graphs.failed:
+            graph_state += f"; DROPPED: {graphs.failed}"
+    emit(f"| CUDA graphs of the decode step | {graph_state} | - | - |")
 
     # 3. end to end through Service + batcher, fresh images so the cache does not help
     settings = Settings.from_env({"BLIP2_MAX_BATCH_SIZE": "64" if cuda else "16", "BLIP2_BATCH_WAIT_MS": "5",
