@@ -2,8 +2,9 @@
 
 A decode step of OPT-2.7b at batch 16 reads ~5.3 GB of weights, about 1.1 ms on an
 H200, but the lean step of ``blip2.optsteps`` launches some 400 kernels from Python
-to do it, which takes longer than the reading. A CUDA graph launches them all at
-once. Capture needs every shape and every address fixed, so here the same step runs
+to do it, which can take longer than the reading (``bench/gpu.py`` measures both; not
+yet run on a GPU). A CUDA graph launches them all at once, and holds the GIL for a
+moment instead of the whole step, which leaves it to the request threads. Capture needs every shape and every address fixed, so here the same step runs
 in a fixed-shape form:
 
 - keys and values live in buffers of a fixed number of rows and positions (rounded up
