@@ -224,8 +224,10 @@ class Engine:
         pixels = torch.zeros(3, size["height"], size["width"])
         n = batch_size or self.max_batch_size
         items = [GenItem(key=f"warmup-{i}", pixels=pixels, prompt="Question: what is this? Answer:") for i in range(n)]
+        # with CUDA graphs, a default request's answer length: its keys/values buffers and graph are made now
+        tokens = GenerationParams().max_new_tokens if self.greedy.graphs is not None else 2
         cache, self.cache = self.cache, None  # keep the dummy images out of the cache
         try:
-            self.generate(items, GenerationParams(max_new_tokens=2))
+            self.generate(items, GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens))
         finally:
             self.cache = cache

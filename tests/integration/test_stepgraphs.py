@@ -224,6 +224,20 @@ def test_a_graph_that_differs_or_fails_is_dropped_and_the_steps_run_eagerly(tiny
     assert both(engine, items, 6)[1] == want and len(made) <= 1  # never tried again
 
 
+def test_warm_up_makes_the_buffers_and_graph_of_a_default_request(tiny_model_dir, monkeypatch):
+    engine = make_engine(tiny_model_dir, "float32")
+    made = []
+    monkeypatch.setattr(_Step, "_record", fake_record(made))
+    graphs = with_graphs(engine, capture=True).graphs
+    engine.warm_up()
+    # 8 rows; 32 image tokens + a short question + 30 answer tokens (the default) fit 96 positions
+    assert list(graphs.buffers) == [96] and list(graphs.buffers[96].graphs) == [8]
+    assert graphs.graphs_made == 1 and len(made) == 1
+    items = same_prompt_items(engine, 8, 3)
+    want, got = both(engine, items, 30)
+    assert got == want and graphs.graphs_made == 1  # a default request of a full batch: nothing new to capture
+
+
 def test_engines_use_graphs_only_on_cuda_and_the_setting_reads_megabytes(tiny_model_dir):
     assert make_engine(tiny_model_dir).greedy.graphs is None  # the CPU: lean steps as they are
     assert Settings.from_env({}).cuda_graph_mb is None
