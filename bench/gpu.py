@@ -200,7 +200,9 @@ def main(argv=None) -> int:
 
     def same_answers(eng, b: int) -> str:
         items = [GenItem(key=f"s{i}", pixels=None, prompt=PROMPT, embed=embed) for i in range(b)]
-        return "identical" if eng.generate(items, params) == engine.generate(items, params) else "DIFFER"
+        mine, ref = eng.generate(items, params), engine.generate(items, params)
+        differ = sum(a != b for a, b in zip(mine, ref))
+        return "identical" if not differ else f"{differ} of {len(ref)} DIFFER"
 
     for b in (1, 8, 32, 128) if cuda else (1, 8):
         step_ms = decode_step_ms(engine, b)
@@ -291,6 +293,10 @@ def main(argv=None) -> int:
                 emit(f"| decode step, batch {b}, {label} | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''} | - | - |")
 
     emit("")
+    emit("Variant answers are compared with the engine's default loop (on CUDA: its steps replayed as CUDA graphs, each "
+         "graph checked bit for bit against its eager step when captured). Random fp16 weights leave near-tied logits "
+         "that another kernel's rounding can flip, so a few differing answers in a variant row are not by themselves a "
+         "fault; many are.")
     emit(f"total wall time {time.perf_counter() - started_all:.0f} s")
     print(f"table written to {out}")
     return 0
