@@ -89,12 +89,17 @@ class OPTSteps:
             x = F.layer_norm(x, *_norm(self.final_norm))
         return F.linear(x[:, -1], *_lin(self.lm.lm_head))
 
-    def begin(self, cache, attention_mask: torch.Tensor, max_new_tokens: int) -> "_Steps":
-        """Take the prefill's keys and values from ``cache`` (a DynamicCache) into buffers with room for
-        ``max_new_tokens`` more; the returned callable runs one step per call."""
+    def cache_layers(self, cache) -> list:
+        """The prefill cache's per-layer keys/values (``.keys``, ``.values``), one per decoder layer."""
         layers = getattr(cache, "layers", None)
         if layers is None or len(layers) != len(self.layers):
             raise ValueError("the prefill cache does not hold one keys/values pair per layer")
+        return layers
+
+    def begin(self, cache, attention_mask: torch.Tensor, max_new_tokens: int) -> "_Steps":
+        """Take the prefill's keys and values from ``cache`` (a DynamicCache) into buffers with room for
+        ``max_new_tokens`` more; the returned callable runs one step per call."""
+        layers = self.cache_layers(cache)
         batch, prefix = attention_mask.shape
         total = prefix + max_new_tokens
         keys, values = [], []

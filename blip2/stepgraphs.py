@@ -4,8 +4,9 @@ A decode step of OPT-2.7b at batch 16 reads ~5.3 GB of weights, about 1.1 ms on 
 H200, but the lean step of ``blip2.optsteps`` launches some 400 kernels from Python
 to do it, which can take longer than the reading (``bench/gpu.py`` measures both; not
 yet run on a GPU). A CUDA graph launches them all at once, and holds the GIL for a
-moment instead of the whole step, which leaves it to the request threads. Capture needs every shape and every address fixed, so here the same step runs
-in a fixed-shape form:
+moment instead of the whole step, which leaves it to the request threads. Capture
+needs every shape and every address fixed, so here the same step runs in a
+fixed-shape form:
 
 - keys and values live in buffers of a fixed number of rows and positions (rounded up
   to multiples of 8 and 32), zeroed when made, so that masked slots never hold NaN;
@@ -71,9 +72,7 @@ class StepGraphs:
         """Like ``OPTSteps.begin``: a callable ``(token, position) -> logits`` for the steps of one
         answer, over fixed buffers filled with the prefill's keys and values; None when the batch
         has more rows than ``max_rows`` or its length needs more than the whole budget."""
-        layers = getattr(cache, "layers", None)
-        if layers is None or len(layers) != len(self.steps.layers):
-            raise ValueError("the prefill cache does not hold one keys/values pair per layer")
+        layers = self.steps.cache_layers(cache)
         batch, prefix = attention_mask.shape
         rows, length = self.shape_for(batch, prefix + max_new_tokens)
         if rows > self.max_rows or self.bytes_for(length) > self.budget_bytes:
