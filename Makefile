@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/preprocess.py
 	$(PY) bench/cache.py
 	$(PY) bench/serve.py
+	$(PY) bench/cpu_path.py
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .hypothesis
