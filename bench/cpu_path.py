@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve import MODELS, PROMPTS, REPO, Clients, images, pct, start  # noqa: E402
+from serve import MODELS, PROMPTS, REPO, Clients, images, pct, start, stop_all  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -67,12 +67,7 @@ def main(argv=None) -> None:
                 walls[name] += wall
                 latencies[name] += lat
     finally:
-        for pool in pools.values():
-            pool.close()
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(timeout=30)
+        stop_all(pools, procs)
     rates = {name: len(timed) / walls[name] for name in servers}
     print(f"{args.requests} one-row requests (160x120 PNG), {args.clients} concurrent clients, "
           f"{args.threads} server threads, on CPU ({os.cpu_count()} cores, clients included)")

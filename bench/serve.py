@@ -124,6 +124,16 @@ class Clients:
         self.close_sessions()
 
 
+def stop_all(pools: dict, procs: dict) -> None:
+    """Close the client pools, then stop the servers."""
+    for pool in pools.values():
+        pool.close()
+    for proc in procs.values():
+        proc.terminate()
+    for proc in procs.values():
+        proc.wait(timeout=30)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -194,12 +204,7 @@ def main(argv=None) -> None:
             ours_s, base_s = (took[name] for name in servers)
             round_ratios.append(base_s / ours_s)
     finally:
-        for pool in pools.values():
-            pool.close()
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(timeout=30)
+        stop_all(pools, procs)
     report = {name: (len(timed) / walls[name], pct(latencies[name], 0.5), pct(latencies[name], 0.99)) for name in servers}
     ours, base = report.values()
     same = sum(a == b for a, b in zip(*answers.values()))
