@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
+from serverproc import Server
 from support import b64, picture
 
 
@@ -115,3 +118,25 @@ def test_concurrent_requests_equal_sequential_answers(server):
     with ThreadPoolExecutor(max_workers=8) as pool:
         concurrent = list(pool.map(lambda p: server.score(p).json(), payloads * 2))
     assert concurrent == sequential * 2
+
+
+def test_two_workers_each_load_the_model_and_answer_like_one(server, tiny_model_dir, tmp_path):
+    """WORKER_COUNT=2 (two model copies, for when one process's request path is what limits):
+    each gunicorn worker forks its own model thread and batcher, and answers as the single worker does."""
+    images = [b64(picture((40 * i, 90, 250 - 40 * i), seed=20 + i)) for i in range(6)]
+    prompts = ["", "Question: what is it? Answer:", "hello there"]
+    payloads = [body([(images[i], prompts[i % 3]), (images[(i + 1) % 6], prompts[(i + 1) % 3])]) for i in range(6)]
+    expected = [server.score(p).json() for p in payloads]
+    assert len({str(answer) for answer in expected}) > 1  # the rows' answers differ, so a mix-up would show
+    two = Server(tiny_model_dir, tmp_path / "azmlinfsrv.log", extra_env={"WORKER_COUNT": "2"})
+    try:
+        deadline = time.monotonic() + 120
+        while two.log().count("Ready to serve /score") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(set(re.findall(r"\[(\d+)\] azmlinfsrv - Worker with pid \d+ ready", two.log()))) == 2
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda p: two.score(p).json(), payloads * 4))
+        assert answers == expected * 4
+        assert "Traceback" not in two.log()
+    finally:
+        two.stop()
