@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from .config import ParamCaps
 from .errors import InvalidInput
@@ -74,6 +74,13 @@ def parse_parameters(obj: object, caps: ParamCaps = ParamCaps()) -> GenerationPa
         length_penalty=v.number("length_penalty", 1.0, -10.0, 10.0),
         no_repeat_ngram_size=v.integer("no_repeat_ngram_size", 0, 0, 20),
     )
+    # Knobs that cannot act are reset to their defaults (after they were checked): generation
+    # ignores them either way, and the batcher puts together only requests with equal parameters,
+    # so a greedy request that names a temperature still shares a batch with one that does not.
+    if not params.do_sample:
+        params = replace(params, temperature=1.0, top_p=1.0, top_k=GenerationParams.top_k)
+    if params.num_beams == 1:
+        params = replace(params, length_penalty=1.0)
     return params
 
 

@@ -54,3 +54,21 @@ def test_caps_come_from_settings():
     with pytest.raises(InvalidInput, match="1 to 10"):
         parse_parameters({"max_new_tokens": 11}, caps)
     assert parse_parameters({"max_new_tokens": 12.0}).max_new_tokens == 12
+
+
+def test_knobs_that_cannot_act_do_not_split_batches():
+    """The batcher groups requests by equal parameters: greedy requests that name sampling or beam
+    knobs generate exactly as without them, so they must compare equal."""
+    plain = parse_parameters({"max_new_tokens": 12})
+    named = parse_parameters({"max_new_tokens": 12, "temperature": 0.3, "top_p": 0.5, "top_k": 7, "length_penalty": 2})
+    assert named == plain and hash(named) == hash(plain)
+    assert named.generate_kwargs() == plain.generate_kwargs()
+    # where they act, they are kept and they separate requests
+    sampled = parse_parameters({"do_sample": True, "temperature": 0.3, "top_p": 0.5, "top_k": 7})
+    assert (sampled.temperature, sampled.top_p, sampled.top_k) == (0.3, 0.5, 7)
+    assert sampled != parse_parameters({"do_sample": True})
+    beams = parse_parameters({"num_beams": 2, "length_penalty": 2})
+    assert beams.length_penalty == 2.0 and beams != parse_parameters({"num_beams": 2})
+    # an out-of-range knob is still refused even where it could not act
+    with pytest.raises(InvalidInput):
+        parse_parameters({"temperature": -1})
