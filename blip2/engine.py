@@ -19,7 +19,7 @@ import torch
 
 from . import modelthread
 from .cache import EmbedCache
-from .errors import ServiceError
+from .errors import InvalidInput, ServiceError
 from .greedy import GreedyDecoder
 from .params import GenerationParams
 from .preprocess import Preprocessor
@@ -89,6 +89,7 @@ class Engine:
             log.info("Greedy decode steps replay as CUDA graphs, keys and values within %.0f MB", graph_mb)
         config = model.config
         self.image_token_id = config.image_token_index
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         self.num_query_tokens = config.num_query_tokens
         self.pad_id = self.tokenizer.pad_token_id
         self._lock = threading.Lock()  # one batch on the device at a time
@@ -180,8 +181,8 @@ class Engine:
 
     def lm_inputs(self, items: list[GenItem]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, inputs_embeds) of the batch, image embeddings in place of the image tokens."""
+        input_ids, attention_mask = self._pack(items)  # first: it checks the prompts
         image_inputs = self._image_inputs(items)
-        input_ids, attention_mask = self._pack(items)
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
         image_mask = (input_ids == self.image_token_id).unsqueeze(-1)
         inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_inputs.to(inputs_embeds.dtype))
@@ -210,6 +211,10 @@ class Engine:
         fresh = iter(self.tokenize(missing) if missing else [])
         image_part = [self.image_token_id] * self.num_query_tokens
         rows = [image_part + (item.prompt_ids if item.prompt_ids is not None else next(fresh)) for item in items]
+        for row in rows:  # more image slots than embeddings would misplace them (the service refuses such prompts)
+            if row.count(self.image_token_id) != self.num_query_tokens:
+                raise InvalidInput(f"A prompt contains {self.image_token!r}, which the model reserves for the image; remove it.",
+                                   code="invalid_text")
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -21,7 +21,7 @@ from .batcher import Announcement, Batcher
 from .cache import EmbedCache
 from .config import Settings
 from .engine import Engine, GenItem
-from .errors import PayloadTooLarge, ServiceError
+from .errors import InvalidInput, PayloadTooLarge, ServiceError
 from .images import decode_image, is_url, read_image_bytes
 from .params import GenerationParams
 from .payload import Row, ScoreRequest, parse_body, parse_request
@@ -135,6 +135,12 @@ class Service:
                     code="prompt_too_long",
                 )
             prompt_ids = self.engine.tokenize([row.prompt])[0]
+            if self.engine.image_token_id in prompt_ids:
+                raise InvalidInput(
+                    f"Row {row.index}: the prompt contains {self.engine.image_token!r}, which the model reserves "
+                    "for the image's place in its input; remove it or write it another way.",
+                    code="invalid_text",
+                )
             n_tokens = len(prompt_ids)
             if n_tokens > self.settings.max_prompt_tokens:
                 raise PayloadTooLarge(

@@ -69,3 +69,17 @@ def test_uint8_pixels_give_the_same_answers_as_normalised_ones(engine):
     want = engine.generate(as_float, params)
     assert engine.generate(as_uint8, params) == want
     assert engine.generate(mixed, params) == want
+
+
+def test_a_prompt_with_the_image_token_is_refused_before_the_model_runs(engine, monkeypatch):
+    """The engine's own guard (the service refuses such prompts first): a row with more image
+    placeholders than the image has embeddings must not reach ``masked_scatter``."""
+    from blip2.errors import InvalidInput
+
+    rows = items(engine, 2)
+    rows[1].prompt = "what is <image> here?"
+    ran = []
+    monkeypatch.setattr(engine, "embed_images", lambda pixels: ran.append(pixels) or None)
+    with pytest.raises(InvalidInput) as refused:
+        engine.generate(rows, GenerationParams(max_new_tokens=2))
+    assert refused.value.status == 400 and refused.value.code == "invalid_text" and not ran

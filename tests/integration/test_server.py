@@ -140,3 +140,20 @@ def test_two_workers_each_load_the_model_and_answer_like_one(server, tiny_model_
         assert "Traceback" not in two.log()
     finally:
         two.stop()
+
+
+def test_a_prompt_naming_the_image_token_is_refused_and_spares_its_batch(server):
+    """``<image>`` in a prompt would tokenize to the model's image placeholder: one slot more than
+    the image has embeddings, which fails the whole model batch (and on CUDA may misplace the
+    other rows' images). It is the client's mistake: 400 for that row, the others unharmed."""
+    good = body([(b64(picture(seed=31)), "Question: what is it? Answer:")])
+    alone = server.score(good).json()
+    bad = body([(b64(picture(seed=32)), "hi"), (b64(picture(seed=33)), "Question: <image> what is it? Answer:")])
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(server.score, [bad, good, bad, good]))
+    for r in answers[0::2]:
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["code"] == "invalid_text" and error["row"] == 1 and "<image>" in error["message"]
+    assert [r.json() for r in answers[1::2]] == [alone, alone]
+    assert "Traceback" not in server.log()
