@@ -157,3 +157,24 @@ def test_a_prompt_naming_the_image_token_is_refused_and_spares_its_batch(server)
         assert error["code"] == "invalid_text" and error["row"] == 1 and "<image>" in error["message"]
     assert [r.json() for r in answers[1::2]] == [alone, alone]
     assert "Traceback" not in server.log()
+
+
+def test_chunked_bodies_are_read_and_bounded(server, tiny_model_dir, tmp_path):
+    """A body sent with Transfer-Encoding: chunked declares no length: it is answered like any other
+    within the limit, and over the limit it gets 413 once limit + 1 bytes are in (a small-limit server)."""
+    import json
+
+    payload = json.dumps(body([(b64(picture(seed=41)), "Question: what is it? Answer:")])).encode()
+    pieces = lambda data: (data[i : i + 1000] for i in range(0, len(data), 1000))  # noqa: E731 - a generator: chunked
+    chunked = requests.post(server.url + "/score", data=pieces(payload), timeout=60)
+    assert chunked.request.headers.get("Transfer-Encoding") == "chunked"
+    assert chunked.status_code == 200 and chunked.json() == server.score(payload).json()
+
+    small = Server(tiny_model_dir, tmp_path / "azmlinfsrv.log", extra_env={"BLIP2_MAX_BODY_MB": "1", "BLIP2_WARMUP": "0"})
+    try:
+        padded = payload[:-1] + b" " * (1536 * 1024) + payload[-1:]  # valid JSON, 1.5 MB
+        over = requests.post(small.url + "/score", data=pieces(padded), timeout=60)
+        assert over.status_code == 413 and over.json()["error"]["code"] == "body_too_large"
+        assert small.score(payload).status_code == 200  # and the server carries on
+    finally:
+        small.stop()

@@ -62,3 +62,43 @@ def test_not_loaded_and_wrong_method():
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
     status, _ = handle(FakeService(NotReady("busy")), FakeRequest())
     assert status == 503
+
+
+class EndlessStream:
+    """A chunked body with no declared length that never ends: counts what the handler reads."""
+
+    def __init__(self):
+        self.read_bytes = 0
+
+    def read(self, n=-1):
+        n = 1 << 16 if n is None or n < 0 else n
+        self.read_bytes += n
+        return b" " * n
+
+
+def test_chunked_body_is_read_only_up_to_the_limit():
+    request = FakeRequest(b"", content_length=0)
+    request.content_length, request.stream = None, EndlessStream()
+    status, body = handle(FakeService(lambda raw: []), request)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    assert request.stream.read_bytes == 1001 and request.reads == 0  # limit + 1, never get_data
+
+
+def test_chunked_body_within_the_limit_is_answered():
+    import io
+
+    request = FakeRequest(b"", content_length=0)
+    request.content_length, request.stream = None, io.BytesIO(b"x" * 1000)
+    status, body = handle(FakeService(lambda raw: [{"text": str(len(raw))}]), request)
+    assert (status, body) == (200, [{"text": "1000"}])
+
+
+def test_a_body_that_breaks_off_is_a_400_not_a_500():
+    class Broken:
+        def read(self, n=-1):
+            raise OSError("connection reset by peer")
+
+    request = FakeRequest(b"", content_length=0)
+    request.content_length, request.stream = None, Broken()
+    status, body = handle(FakeService(lambda raw: []), request)
+    assert status == 400 and body["error"]["code"] == "invalid_input" and "read" in body["error"]["message"]
