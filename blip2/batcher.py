@@ -72,7 +72,7 @@ def collect(
         if job.abandoned:
             return False
         if time.monotonic() > job.deadline:
-            job.finish(error=_deadline_error())
+            job.finish(error=deadline_error())
             return False
         return True
 
@@ -203,7 +203,7 @@ class Batcher:
         self._queue.put(job)
         if not job.done.wait(timeout=max(deadline - time.monotonic(), 0)):
             job.abandoned = True
-            raise _deadline_error()
+            raise deadline_error()
         if job.error is not None:
             raise job.error
         return job.result
@@ -277,9 +277,10 @@ def _as_service_error(exc: BaseException) -> ServiceError:
     return ServiceError("The model failed on this request; retry it. The details are in the server log.")
 
 
-def _deadline_error() -> DeadlineExceeded:
+def deadline_error() -> DeadlineExceeded:
+    """The 504 of a request not answered within its deadline."""
     return DeadlineExceeded(
-        "The request was not answered in time (the server is busy). Retry later, send fewer rows, "
-        "or raise BLIP2_REQUEST_TIMEOUT_S.",
+        "The request was not answered in time (the server is busy, or its image URLs are slow). Retry later, "
+        "send fewer rows, or raise BLIP2_REQUEST_TIMEOUT_S.",
         code="deadline_exceeded",
     )

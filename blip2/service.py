@@ -13,11 +13,12 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import modelthread
-from .batcher import Announcement, Batcher
+from .batcher import Announcement, Batcher, deadline_error
 from .cache import EmbedCache
 from .config import Settings
 from .engine import Engine, GenItem
@@ -36,6 +37,7 @@ class Service:
         self.engine = engine
         self.preprocessor = Preprocessor.from_processor(engine.processor)
         self._pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="blip2-img")
+        self._fetch_pool = ThreadPoolExecutor(max_workers=4 * settings.preprocess_threads, thread_name_prefix="blip2-fetch")
         self.batcher = Batcher(
             engine.generate,
             max_batch_size=settings.max_batch_size,
@@ -52,6 +54,7 @@ class Service:
     def close(self) -> None:
         self.batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- entry points ---------------------------------------------------------------------
     def score_body(self, raw: str | bytes) -> list[dict]:
@@ -63,27 +66,35 @@ class Service:
             return [{"text": text} for text in self.score(request, announced)]
 
     def score(self, request: ScoreRequest, announced: Announcement | None = None) -> list[str]:
-        """Answers in row order; the first bad row raises its error (tagged with the row index)."""
-        results = self.score_rows(request.rows, request.params, announced)
-        for result in results:
-            if isinstance(result, ServiceError):
-                raise result
-        return results
+        """Answers in row order; the first bad row raises its error (tagged with the row index),
+        before the model runs for the others."""
+        return self.score_rows(request.rows, request.params, announced, fail_fast=True)
 
     def score_rows(
         self, rows: tuple[Row, ...] | list[Row], params: GenerationParams, announced: Announcement | None = None,
+        *, fail_fast: bool = False,
     ) -> list[str | ServiceError]:
-        """Answers or per-row errors, in row order: one bad row does not sink the others."""
+        """Answers or per-row errors, in row order: one bad row does not sink the others.
+
+        ``fail_fast``: raise the first bad row's error instead, without running the model. Fetching
+        and decoding count against the request's deadline like the model does (504 past it).
+        """
         deadline = time.monotonic() + self.settings.request_timeout_s
         with ExitStack() as stack:
             announced = stack.enter_context(announced or self.batcher.announce())
             fetching = any(is_url(row.image) for row in rows)
             if fetching:  # a URL fetch can take seconds: the batcher must not hold a batch for it
                 announced.withdraw()
-            read = self._read_rows(rows)
+            read = self._read_rows(rows, deadline)
             if fetching:  # the bytes are here; decoding is quick
                 announced = stack.enter_context(self.batcher.announce())
-            prepared = self._decode_rows(read)
+            prepared = self._decode_rows(read, deadline)
+            if time.monotonic() > deadline:
+                raise deadline_error()
+            if fail_fast:
+                for item in prepared:
+                    if isinstance(item, ServiceError):
+                        raise item
             good = [(i, item) for i, item in enumerate(prepared) if isinstance(item, GenItem)]
             results: list[str | ServiceError] = list(prepared)  # errors stay where they are
             if good:
@@ -93,25 +104,38 @@ class Service:
         return results
 
     # -- rows -----------------------------------------------------------------------------
-    def _map(self, fn, values: list) -> list:
-        """``fn`` over ``values``; in the pool (URL fetches and decodes overlap) unless there is one."""
+    def _map(self, pool: ThreadPoolExecutor, fn, values: list, deadline: float | None) -> list:
+        """``fn`` over ``values``, in ``pool`` (URL fetches and decodes overlap) unless there is one.
+
+        Past ``deadline`` the request gives up with a 504: work not yet started is cancelled, and
+        each fetch already running ends by then (``_read_row`` gives it no more time than is left).
+        """
         if len(values) <= 1:  # no thread hand-off for the common one-row request
             return [fn(v) for v in values]
-        return list(self._pool.map(fn, values))
+        futures = [pool.submit(fn, v) for v in values]
+        try:
+            return [f.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0)) for f in futures]
+        except FutureTimeout:
+            for f in futures:
+                f.cancel()
+            raise deadline_error() from None
 
     def _prepare_rows(self, rows) -> list[GenItem | ServiceError]:
         """Rows -> model-ready items or per-row errors. Each distinct image is decoded once per request."""
         return self._decode_rows(self._read_rows(rows))
 
-    def _read_rows(self, rows) -> list["_Read | ServiceError"]:
-        return self._map(self._read_row, list(rows))
+    def _read_rows(self, rows, deadline: float | None = None) -> list["_Read | ServiceError"]:
+        rows = list(rows)
+        # URL fetches wait on the network: their own pool, so that they never hold up decoding
+        pool = self._fetch_pool if any(is_url(row.image) for row in rows) else self._pool
+        return self._map(pool, lambda row: self._read_row(row, deadline), rows, deadline)
 
-    def _decode_rows(self, read: list["_Read | ServiceError"]) -> list[GenItem | ServiceError]:
+    def _decode_rows(self, read: list["_Read | ServiceError"], deadline: float | None = None) -> list[GenItem | ServiceError]:
         first: dict[str, _Read] = {}  # image hash -> the first row that needs its pixels
         for r in read:
             if isinstance(r, _Read) and r.embed is None:
                 first.setdefault(r.key, r)
-        pixels = dict(zip(first, self._map(self._pixels, list(first.values()))))
+        pixels = dict(zip(first, self._map(self._pool, self._pixels, list(first.values()), deadline)))
         out: list[GenItem | ServiceError] = []
         for r in read:
             if isinstance(r, ServiceError):
@@ -124,7 +148,7 @@ class Service:
                 out.append(GenItem(key=r.key, pixels=pixels[r.key], prompt=r.row.prompt, prompt_ids=r.prompt_ids))
         return out
 
-    def _read_row(self, row: Row) -> "_Read | ServiceError":
+    def _read_row(self, row: Row, deadline: float | None = None) -> "_Read | ServiceError":
         """Check the prompt, tokenize it, fetch or decode the image's bytes and hash them."""
         try:
             limit = self.settings.max_prompt_tokens
@@ -148,7 +172,14 @@ class Service:
                     f"{self.settings.max_prompt_tokens}; shorten it (for chat, drop the oldest turns).",
                     code="prompt_too_long",
                 )
-            data = read_image_bytes(row.image, self.settings.images)
+            limits = self.settings.images
+            if deadline is not None and is_url(row.image):  # a fetch gets no more time than the request has left
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise deadline_error()
+                if left < limits.total_timeout_s:
+                    limits = replace(limits, total_timeout_s=left)
+            data = read_image_bytes(row.image, limits)
             key = hashlib.sha256(data).hexdigest()
             cache = self.engine.cache
             return _Read(row, prompt_ids, key, data, cache.get(key) if cache is not None else None)

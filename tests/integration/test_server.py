@@ -131,9 +131,10 @@ def test_two_workers_each_load_the_model_and_answer_like_one(server, tiny_model_
     two = Server(tiny_model_dir, tmp_path / "azmlinfsrv.log", extra_env={"WORKER_COUNT": "2"})
     try:
         deadline = time.monotonic() + 120
-        while two.log().count("Ready to serve /score") < 2 and time.monotonic() < deadline:
+        ready = lambda: set(re.findall(r"\[(\d+)\] azmlinfsrv - Worker with pid \d+ ready", two.log()))  # noqa: E731
+        while len(ready()) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert len(set(re.findall(r"\[(\d+)\] azmlinfsrv - Worker with pid \d+ ready", two.log()))) == 2
+        assert len(ready()) == 2 and two.log().count("Ready to serve /score") == 2
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(lambda p: two.score(p).json(), payloads * 4))
         assert answers == expected * 4

@@ -104,3 +104,64 @@ def test_loading_warm_up_and_batches_all_run_on_the_model_thread(tiny_model_dir,
         svc.close()
     assert [kind for kind, _ in names] == ["load", "batch", "batch"]  # load, warm-up, the request
     assert all(name.startswith("blip2-model") for _, name in names)
+
+
+def test_a_bad_row_fails_its_request_before_the_model_runs(service, monkeypatch):
+    """``score`` (the online path) answers a client's mistake with its 4xx at once: the good rows
+    of that request are not run, so a model batch's fate cannot replace the 400 with a 504 or 500."""
+    ran = []
+    real = service.batcher.run_batch
+    monkeypatch.setattr(service.batcher, "run_batch", lambda items, params: ran.append(len(items)) or real(items, params))
+    rows = (Row(0, b64(picture(seed=7)), "hi"), Row(1, "bm90IGFuIGltYWdl", "hi"), Row(2, b64(picture(seed=8)), "hi"))
+    with pytest.raises(service_module.ServiceError) as refused:
+        service.score(ScoreRequest(rows, GenerationParams(max_new_tokens=3)))
+    assert refused.value.status == 400 and refused.value.row == 1 and ran == []
+    # the batch paths keep every row's own outcome
+    results = service.score_rows(rows, GenerationParams(max_new_tokens=3))
+    assert isinstance(results[0], str) and isinstance(results[1], service_module.ServiceError)
+    assert isinstance(results[2], str) and ran == [2]
+
+
+def test_slow_url_fetches_end_at_the_deadline_and_do_not_hold_up_decoding(tiny_model_dir, monkeypatch):
+    """Fetching counts against the request's deadline: many slow URLs end in a 504 when it passes,
+    not after every fetch has had its own timeout, and each fetch is given no more time than is left.
+    Meanwhile another request's base64 rows are decoded at once (fetches have their own threads)."""
+    svc = Service.from_settings(Settings.from_env({
+        "BLIP2_MODEL": str(tiny_model_dir), "BLIP2_WARMUP": "0", "BLIP2_DTYPE": "float32",
+        "BLIP2_REQUEST_TIMEOUT_S": "1.5", "BLIP2_PREPROCESS_THREADS": "1",
+    }))
+    real, given = service_module.read_image_bytes, []
+
+    def slow_fetch(ref, limits):
+        if ref.startswith("https://"):
+            given.append(limits.total_timeout_s)
+            time.sleep(min(limits.total_timeout_s, 1.0))
+            raise service_module.InvalidInput("too slow", code="url_timeout")
+        return real(ref, limits)
+
+    monkeypatch.setattr(service_module, "read_image_bytes", slow_fetch)
+    params = GenerationParams(max_new_tokens=3)
+    urls = tuple(Row(i, f"https://images.example.com/{i}.png", "hi") for i in range(12))
+    outcome = {}
+
+    def send_urls():
+        started = time.monotonic()
+        try:
+            svc.score(ScoreRequest(urls, params))
+        except service_module.ServiceError as err:
+            outcome["error"], outcome["took"] = err, time.monotonic() - started
+
+    try:
+        slow = threading.Thread(target=send_urls)
+        slow.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        fast = svc.score(ScoreRequest((Row(0, b64(picture(seed=9)), "hi"), Row(1, b64(picture(seed=10)), "hi")), params))
+        fast_took = time.monotonic() - started
+        slow.join(10)
+    finally:
+        svc.close()
+    assert all(isinstance(a, str) for a in fast) and fast_took < 1.0
+    assert outcome["error"].status == 504 and outcome["error"].code == "deadline_exceeded"
+    assert 1.4 < outcome["took"] < 2.5  # 12 fetches of 1 s on 4 threads would take 3 s
+    assert given and max(given) <= 1.5 and min(given) < 1.0  # later fetches got only what was left
