@@ -21,7 +21,8 @@ the tests), which is the "eager path" that the graphs must equal. Each graph is
 checked when it is made: captured after two eager warm-up runs on the same inputs,
 then replayed, its logits must equal the last warm-up's bit for bit. A graph that
 differs, or a capture that fails, is dropped with a warning, and from then on the
-steps run eagerly.
+steps run eagerly; a capture that runs out of device memory leaves only its own shape
+eager.
 
 Buffers are kept per length (for the engine's largest batch), the least recently used
 dropped first, within a budget in bytes; a smaller batch's step works on the leading
@@ -80,7 +81,7 @@ class StepGraphs:
         buffers = self.buffers.pop(length, None)
         if buffers is None:
             while self.buffers and self.held_bytes() + self.bytes_for(length) > self.budget_bytes:
-                self.buffers.popitem(last=False)
+                self.buffers.popitem(last=False)[1].release()  # freed now, before the new ones are made
             try:
                 buffers = _Buffers(self, length)
             except torch.OutOfMemoryError:  # the budget is more than the device has now: shrink it, not the batch
@@ -139,6 +140,13 @@ class _Buffers:
         self.weights = s.weights()
         self.graphs: dict[int, _Step] = {}
 
+    def release(self) -> None:
+        """Drop the graphs: each ``_Step`` points back at these buffers, and without this the cycle
+        would keep keys, values and graph memory alive until a full garbage collection."""
+        for graph in self.graphs.values():
+            graph.graph = graph.out = None
+        self.graphs.clear()
+
     def load(self, layers, attention_mask: torch.Tensor) -> None:
         """Take one batch's prefill keys and values and padding; rows past the batch keep old, finite values."""
         batch, prefix = attention_mask.shape
@@ -156,6 +164,7 @@ class _Step:
         self.b, self.rows = buffers, rows
         self.owner = buffers.owner
         self.graph = self.out = None
+        self.eager_only = False  # its capture ran out of device memory: this shape stays eager
 
     def step(self) -> torch.Tensor:
         """One step on the fixed tensors only (nothing that changes per step is a Python value)."""
@@ -175,12 +184,18 @@ class _Step:
         if self.graph is not None:
             self.graph.replay()
             return self.out
-        if self.owner.capture:
+        if self.owner.capture and not self.eager_only:
             try:
                 return self._capture()
+            except torch.OutOfMemoryError:  # a full device says nothing about graphs: other shapes still try
+                self.eager_only = True
+                if self.owner.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("Out of device memory capturing the decode step of %d rows; that shape runs "
+                            "without a graph", self.rows)
             except Exception as exc:  # noqa: BLE001 - a graph is an optimisation: fall back, never fail the batch
                 self.owner._give_up(f"capture failed ({type(exc).__name__}: {exc})")
-        return self.step()
+        return self.step()  # out of memory here too: raised, and the engine splits the batch
 
     def _capture(self) -> torch.Tensor:
         """Record this step as a graph, replay it, and keep it only if its logits equal the eager ones exactly."""

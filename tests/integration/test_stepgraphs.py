@@ -266,3 +266,53 @@ def test_cuda_graphs_replay_the_eager_fixed_steps(tiny_model_dir):
             assert engine.greedy.graphs.graphs_made >= 1 and engine.greedy.graphs.failed is None
     assert answers[0] == answers[64]
     assert strip_pad(torch.tensor(answers[0]), -1) == answers[0]
+
+
+def test_buffers_dropped_from_the_budget_are_freed_at_once(tiny_model_dir, monkeypatch):
+    """Each graph points back at its buffers: an evicted length must be freed when it is dropped,
+    not at some later full garbage collection (on a GPU, gigabytes held past the budget)."""
+    import gc
+    import weakref
+
+    engine = make_engine(tiny_model_dir, "float32")
+    made = []
+    monkeypatch.setattr(_Step, "_record", fake_record(made))
+    probe = StepGraphs(engine.greedy.steps, BIG, engine.max_batch_size, capture=False)
+    graphs = with_graphs(engine, budget=probe.bytes_for(128), capture=True).graphs  # one buffer set at a time
+    items = same_prompt_items(engine, 2, 4)
+    prefix = engine.lm_inputs(items)[1].shape[1]
+    gc.disable()
+    try:
+        both(engine, items, 3)
+        (first,) = graphs.buffers.values()
+        assert first.graphs and graphs.graphs_made == 1
+        made.clear()  # the stand-in graphs are listed here; a real CUDA graph does not point at its step
+        dropped = weakref.ref(first)
+        del first
+        both(engine, items, 110 - prefix)  # another length: the first set is dropped
+        assert dropped() is None
+        assert len(graphs.buffers) == 1 and graphs.held_bytes() <= graphs.budget_bytes
+    finally:
+        gc.enable()
+
+
+def test_a_capture_out_of_device_memory_leaves_only_its_shape_eager(tiny_model_dir, monkeypatch, caplog):
+    engine = make_engine(tiny_model_dir, "float32")
+    tries = []
+
+    def full(shape):
+        tries.append(shape.rows)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(_Step, "_record", full)
+    graphs = with_graphs(engine, capture=True).graphs
+    items = tiny_items(engine)
+    with caplog.at_level("WARNING", logger="blip2.stepgraphs"):
+        want, got = both(engine, items, 6)
+    assert got == want and tries == [8]  # tried once for the shape, then eager steps
+    assert graphs.capture and graphs.failed is None and "Out of device memory capturing" in caplog.text
+    assert both(engine, items, 6)[1] == want and tries == [8]  # not tried again for that shape
+    made = []
+    monkeypatch.setattr(_Step, "_record", fake_record(made))
+    assert both(engine, items[:3], 6)[1] == both(engine, items[:3], 6)[0]  # another shape still captures
+    assert graphs.graphs_made == 1 and len(made) == 1
