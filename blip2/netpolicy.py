@@ -10,7 +10,10 @@ _BLOCKED = tuple(ipaddress.ip_network(n) for n in (
     "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
     "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
     "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32",
-    "3fff::/20", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8"))
+    "3fff::/20", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+    # Azure's platform address (WireServer, host agent, platform DNS): public space, but reachable
+    # only from inside Azure, where it serves the VM's own configuration
+    "168.63.129.16/32"))
 # IPv6 prefixes whose last 32 bits are an IPv4 address: compatible, translated, NAT64.
 _V4_IN_LOW_BITS = tuple(ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
 
