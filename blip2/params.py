@@ -67,10 +67,10 @@ def parse_parameters(obj: object, caps: ParamCaps = ParamCaps()) -> GenerationPa
         min_new_tokens=v.integer("min_new_tokens", 0, 0, max_new),
         num_beams=v.integer("num_beams", 1, 1, caps.num_beams),
         do_sample=v.boolean("do_sample", False),
-        temperature=v.number("temperature", 1.0, 0.0, 100.0, lo_open=True),
+        temperature=v.number("temperature", 1.0, 0.01, 100.0),  # lower: scaled logits can overflow
         top_p=v.number("top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=v.integer("top_k", min(50, caps.top_k), 0, caps.top_k),
-        repetition_penalty=v.number("repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        repetition_penalty=v.number("repetition_penalty", 1.0, 0.01, 10.0),
         length_penalty=v.number("length_penalty", 1.0, -10.0, 10.0),
         no_repeat_ngram_size=v.integer("no_repeat_ngram_size", 0, 0, 20),
     )

@@ -31,11 +31,14 @@ def test_sampling_knobs_pass_through_only_when_sampling():
         {"num_beams": 9},
         {"do_sample": 1},
         {"temperature": 0},
+        {"temperature": 1e-39},  # the logits divided by it overflow and sampling fails: the client's mistake
+        {"temperature": 0.009},
         {"temperature": float("inf")},
         {"temperature": 10**400},  # a JSON integer too big for a float
         {"top_p": 1.5},
         {"top_k": -1},
         {"repetition_penalty": 0},
+        {"repetition_penalty": 1e-40},
         {"no_repeat_ngram_size": 21},
         {"unknown": 1},
         [1, 2],
@@ -72,3 +75,8 @@ def test_knobs_that_cannot_act_do_not_split_batches():
     # an out-of-range knob is still refused even where it could not act
     with pytest.raises(InvalidInput):
         parse_parameters({"temperature": -1})
+
+
+def test_the_smallest_temperature_and_penalty_allowed_are_accepted():
+    p = parse_parameters({"do_sample": True, "temperature": 0.01, "repetition_penalty": 0.01})
+    assert p.temperature == 0.01 and p.repetition_penalty == 0.01
