@@ -180,6 +180,7 @@ class Batcher:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._pending: deque = deque()
         self._closed = False
+        self._closing = threading.Lock()  # no job can be queued after close()'s sentinel
         self.batches_run = 0
         self._thread = threading.Thread(target=self._loop, name="blip2-batcher", daemon=True)
         self._thread.start()
@@ -193,14 +194,13 @@ class Batcher:
 
         ``announced``, if given, is withdrawn once the job is queued.
         """
-        if self._closed:
-            if announced is not None:
-                announced.withdraw()
-            raise NotReady("The server is shutting down; retry on another instance.", code="shutting_down")
         job = Job(items=list(items), params=params, deadline=deadline)
         if announced is not None:  # first: a batcher that saw it as arriving must not wait on it once queued
             announced.withdraw()
-        self._queue.put(job)
+        with self._closing:
+            if self._closed:
+                raise NotReady("The server is shutting down; retry on another instance.", code="shutting_down")
+            self._queue.put(job)
         if not job.done.wait(timeout=max(deadline - time.monotonic(), 0)):
             job.abandoned = True
             raise deadline_error()
@@ -209,8 +209,9 @@ class Batcher:
         return job.result
 
     def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
+        with self._closing:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:
@@ -256,6 +257,11 @@ class Batcher:
                 return
             log.warning("A batch of %d requests failed; retrying each on its own", len(batch))
             for job in batch:
+                if job.abandoned:  # its caller has given up: no one to answer
+                    continue
+                if time.monotonic() > job.deadline:
+                    job.finish(error=deadline_error())
+                    continue
                 self._run([job])
             return
         if len(answers) != len(items):

@@ -293,3 +293,60 @@ def test_the_window_lapses_once_requests_stop_coming_together():
         assert time.monotonic() - started < 0.25
     finally:
         b.close()
+
+
+def test_a_failed_batch_is_retried_only_for_requests_still_waiting():
+    """After a batch fails, each request is retried on its own, except those whose caller gave up
+    (nothing to answer) or whose deadline passed meanwhile (504 at once, no model time)."""
+    runs = []
+
+    def run(items, params):
+        runs.append(list(items))
+        if len(items) > 1:
+            raise RuntimeError("one of these rows breaks the batch")
+        return echo(items, params)
+
+    b = Batcher(run, max_batch_size=16, wait_s=0)
+    waiting, gone, late = (Job([name], "p", time.monotonic() + 10) for name in ("waiting", "gone", "late"))
+    gone.abandoned = True
+    late.deadline = time.monotonic() - 1
+    b._run([waiting, gone, late])
+    b.close()
+    assert runs == [["waiting", "gone", "late"], ["waiting"]]
+    assert waiting.result == ["p:waiting"] and not gone.done.is_set()
+    assert isinstance(late.error, DeadlineExceeded)
+
+
+def test_requests_racing_close_are_answered_or_refused_never_left_waiting():
+    """A submit that passes the closed check as close() runs must not be queued behind the
+    batcher's stop signal, where no one would take it and its caller would wait the whole deadline.
+    The queue's put is slowed for jobs so that close() lands between the check and the put."""
+    b = Batcher(echo, max_batch_size=4, wait_s=0)
+    put, checking = b._queue.put, threading.Event()
+
+    def slow_put(item, *args, **kwargs):
+        if item is not None:
+            checking.set()
+            time.sleep(0.2)
+        put(item, *args, **kwargs)
+
+    b._queue.put = slow_put
+    outcome = {}
+
+    def client():
+        began = time.monotonic()
+        try:
+            outcome["answer"] = b.submit(["r"], "p", time.monotonic() + 3)
+        except Exception as exc:  # noqa: BLE001
+            outcome["error"] = exc
+        outcome["took"] = time.monotonic() - began
+
+    th = threading.Thread(target=client)
+    th.start()
+    assert checking.wait(2)
+    b.close()
+    th.join(5)
+    assert outcome.get("answer") == ["p:r"] and outcome["took"] < 1.5, outcome
+    with pytest.raises(Exception) as refused:  # after close: refused at once
+        b.submit(["late"], "p", time.monotonic() + 3)
+    assert refused.value.code == "shutting_down"
