@@ -47,9 +47,11 @@ def parse_body(raw: str | bytes, max_bytes: int) -> object:
         )
     if isinstance(raw, bytes):
         try:
-            raw = raw.decode("utf-8")
+            raw = raw.decode("utf-8-sig")  # a leading byte-order mark is dropped (Windows PowerShell 5 sends one)
         except UnicodeDecodeError:
             raise InvalidInput("The request body is not UTF-8 text. Send a UTF-8 JSON body.", code="invalid_json") from None
+    elif raw.startswith("\ufeff"):
+        raw = raw[1:]
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):

@@ -107,3 +107,12 @@ def test_deeply_nested_json_is_a_400_not_a_crash():
     with pytest.raises(InvalidInput):
         parse_body("[" * 100_000, 10**6)
     assert json.loads("[[]]") == [[]]
+
+
+def test_a_utf8_byte_order_mark_before_the_json_is_ignored():
+    body = '{"input_data": {"columns": ["image", "text"], "index": [0], "data": [["aGk=", "q"]]}}'
+    plain = parse_body(body.encode(), 10_000)
+    assert parse_body(b"\xef\xbb\xbf" + body.encode(), 10_000) == plain
+    assert parse_body("\ufeff" + body, 10_000) == plain
+    with pytest.raises(InvalidInput):  # only at the start
+        parse_body(body.encode()[:-1] + b"\xef\xbb\xbf}", 10_000)
