@@ -9,7 +9,8 @@ needs every shape and every address fixed, so here the same step runs in a
 fixed-shape form:
 
 - keys and values live in buffers of a fixed number of rows and positions (rounded up
-  to multiples of 8 and 32), zeroed when made, so that masked slots never hold NaN;
+  to multiples of 8 and 32), zeroed when made and past each batch's prompt when reused,
+  so that masked slots never hold NaN;
 - each step writes its key and value at a position held on the device
   (``index_copy_``) and attends over the whole buffer, with the left padding and the
   positions not yet written masked;
@@ -148,11 +149,16 @@ class _Buffers:
         self.graphs.clear()
 
     def load(self, layers, attention_mask: torch.Tensor) -> None:
-        """Take one batch's prefill keys and values and padding; rows past the batch keep old, finite values."""
+        """Take one batch's prefill keys and values and padding. The batch's positions not yet
+        written are zeroed: masked, but a NaN or inf left there by an earlier batch (an fp16
+        overflow) would still reach the output through its zero attention weight. Rows past the
+        batch keep old values; nothing reads them into the batch's rows."""
         batch, prefix = attention_mask.shape
         for keys, values, layer in zip(self.keys, self.values, layers):
             keys[:batch, :, :prefix].copy_(layer.keys)
             values[:batch, :, :prefix].copy_(layer.values)
+            keys[:batch, :, prefix:].zero_()
+            values[:batch, :, prefix:].zero_()
         self.open.fill_(True)
         self.open[:batch, :prefix].copy_(attention_mask.bool())
 

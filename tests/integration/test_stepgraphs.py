@@ -316,3 +316,19 @@ def test_a_capture_out_of_device_memory_leaves_only_its_shape_eager(tiny_model_d
     monkeypatch.setattr(_Step, "_record", fake_record(made))
     assert both(engine, items[:3], 6)[1] == both(engine, items[:3], 6)[0]  # another shape still captures
     assert graphs.graphs_made == 1 and len(made) == 1
+
+
+def test_a_nan_left_in_reused_buffers_does_not_reach_the_next_batch(tiny_model_dir):
+    """Masked slots still enter attention with weight 0, and 0 * NaN is NaN: whatever an earlier
+    batch left past the new prompt (here NaN, as an fp16 overflow would) must not reach the answers."""
+    engine = make_engine(tiny_model_dir, "float32")
+    graphs = with_graphs(engine).graphs
+    items = same_prompt_items(engine, 3, 12)
+    prefix = engine.lm_inputs(items)[1].shape[1]
+    want, got = both(engine, items, 100 - prefix)
+    assert got == want and list(graphs.buffers) == [128]
+    with torch.inference_mode():
+        for keys, values in zip(graphs.buffers[128].keys, graphs.buffers[128].values):
+            keys.fill_(float("nan"))
+            values.fill_(float("nan"))
+    assert both(engine, items, 100 - prefix)[1] == want
