@@ -25,6 +25,8 @@ import binascii
 import io
 import logging
 import re
+import threading
+from contextlib import nullcontext
 
 from PIL import ExifTags, Image, ImageOps, JpegImagePlugin
 
@@ -148,11 +150,22 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(data: bytes, limits: ImageLimits, *, draft: tuple[int, int] | None = None) -> Image.Image:
+# Decoding more pixels than this (after JPEG draft scaling) takes one of the caller's ``heavy``
+# slots: a 40-megapixel 16-bit RGBA PNG needs ~400 MB and seconds to decode and convert, and one
+# such image per request thread could run a small VM out of memory.
+HEAVY_PIXELS = 8_000_000
+
+
+def decode_image(
+    data: bytes, limits: ImageLimits, *, draft: tuple[int, int] | None = None,
+    heavy: threading.Semaphore | None = None,
+) -> Image.Image:
     """Encoded bytes -> a new RGB ``PIL.Image.Image``, upright, first frame only.
 
     ``draft=(w, h)``: a JPEG may be DCT-downscaled (by 1/2, 1/4 or 1/8) while
     staying at least ``w`` x ``h`` after orientation; other formats ignore it.
+    ``heavy``: a semaphore held while an image of more than ``HEAVY_PIXELS`` decodes,
+    which bounds how many such decodes (and their memory) run at once.
     Raises ``PayloadTooLarge`` (``image_too_large``: more than ``limits.max_bytes``
     bytes, or more than ``limits.max_pixels`` pixels by the header) or
     ``InvalidInput`` (``invalid_image``: undecodable, truncated, corrupt or not
@@ -174,11 +187,13 @@ def decode_image(data: bytes, limits: ImageLimits, *, draft: tuple[int, int] | N
             orientation = _orientation(im)
             if draft is not None and isinstance(im, JpegImagePlugin.JpegImageFile):
                 im.draft("RGB", draft[::-1] if orientation in _ROTATED else draft)
-            im.load()
-            upright = ImageOps.exif_transpose(im) if 2 <= orientation <= 8 else im
-            if upright.mode == "RGB":
-                return upright if upright is not im else im.copy()
-            return _to_rgb(upright)
+            gate = heavy if heavy is not None and im.size[0] * im.size[1] > HEAVY_PIXELS else nullcontext()
+            with gate:
+                im.load()
+                upright = ImageOps.exif_transpose(im) if 2 <= orientation <= 8 else im
+                if upright.mode == "RGB":
+                    return upright if upright is not im else im.copy()
+                return _to_rgb(upright)
         finally:
             im.close()
     except ServiceError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -37,6 +38,8 @@ class Service:
         self.engine = engine
         self.preprocessor = Preprocessor.from_processor(engine.processor)
         self._pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="blip2-img")
+        # big decodes at once, over every request thread and the pool (images.HEAVY_PIXELS)
+        self._heavy = threading.BoundedSemaphore(settings.preprocess_threads)
         self._fetch_pool = ThreadPoolExecutor(max_workers=4 * settings.preprocess_threads, thread_name_prefix="blip2-fetch")
         self.batcher = Batcher(
             engine.generate,
@@ -192,7 +195,7 @@ class Service:
     def _pixels(self, r: "_Read"):
         """Decode and resize one image -> uint8 pixels (the engine normalises whole batches), or the error."""
         try:
-            image = decode_image(r.data, self.settings.images, draft=self.preprocessor.draft_size)
+            image = decode_image(r.data, self.settings.images, draft=self.preprocessor.draft_size, heavy=self._heavy)
             return self.preprocessor.resize(image)
         except ServiceError as err:
             return err.with_row(r.row.index)

@@ -373,3 +373,54 @@ def test_fuzz_text_cells_only_raise_service_errors(text):
         except (InvalidInput, PayloadTooLarge):
             return
     _decode_or_service_error(data)
+
+
+class CountingSlots:
+    """A semaphore stand-in that records how many holders it had at once."""
+
+    def __init__(self, n):
+        import threading
+
+        self._sem, self._lock = threading.BoundedSemaphore(n), threading.Lock()
+        self.holding = self.most = self.entered = 0
+
+    def __enter__(self):
+        self._sem.acquire()
+        with self._lock:
+            self.holding += 1
+            self.entered += 1
+            self.most = max(self.most, self.holding)
+        time.sleep(0.05)  # long enough for the other threads to try
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.holding -= 1
+        self._sem.release()
+
+
+def test_big_decodes_take_a_slot_and_small_ones_do_not():
+    """Decodes over HEAVY_PIXELS (after JPEG draft scaling) run at most as many at once as the
+    caller's slots; small images and drafted JPEGs do not wait for them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blip2.images import HEAVY_PIXELS, decode_image
+
+    def png(w, h, mode="RGBA"):
+        buf = io.BytesIO()
+        Image.new(mode, (w, h), (10, 20, 30, 255) if mode == "RGBA" else (10, 20, 30)).save(buf, "PNG")
+        return buf.getvalue()
+
+    big = png(3000, 3000)  # 9 MP: a solid colour compresses to a few KB
+    assert 3000 * 3000 > HEAVY_PIXELS
+    limits = ImageLimits()
+    slots = CountingSlots(1)
+    with ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(lambda data: decode_image(data, limits, heavy=slots), [big] * 4))
+    assert [im.size for im in out] == [(3000, 3000)] * 4 and all(im.mode == "RGB" for im in out)
+    assert slots.entered == 4 and slots.most == 1
+    small = CountingSlots(1)
+    decode_image(png(800, 600), limits, heavy=small)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4032, 3024), (200, 10, 10)).save(jpeg, "JPEG")
+    drafted = decode_image(jpeg.getvalue(), limits, draft=(336, 336), heavy=small)
+    assert drafted.size == (504, 378) and small.entered == 0
