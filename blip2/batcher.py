@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .errors import DeadlineExceeded, NotReady, ServiceError
+from .stats import BatchStats
 
 log = logging.getLogger("blip2.batcher")
 
@@ -167,7 +168,7 @@ class _Counter:
 class Batcher:
     def __init__(
         self, run_batch: RunBatch, max_batch_size: int = 16, wait_s: float = 0.005, max_wait_s: float | None = None,
-        company_horizon_s: float = 1.0,
+        company_horizon_s: float = 1.0, stats: BatchStats | None = None,
     ):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -182,6 +183,7 @@ class Batcher:
         self._closed = False
         self._closing = threading.Lock()  # no job can be queued after close()'s sentinel
         self.batches_run = 0
+        self.stats = stats  # counts every model batch; logs a summary now and then
         self._thread = threading.Thread(target=self._loop, name="blip2-batcher", daemon=True)
         self._thread.start()
 
@@ -248,10 +250,14 @@ class Batcher:
         try:
             answers = self.run_batch(items, batch[0].params)
             self.batches_run += 1
+            if self.stats is not None:
+                self.stats.record(len(items), len(batch), time.perf_counter() - started)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("Batch of %d rows from %d requests took %.1f ms (queue %d)", len(items), len(batch),
                           1000 * (time.perf_counter() - started), self._queue.qsize())
         except BaseException as exc:  # noqa: BLE001 - isolate: retry each request on its own
+            if self.stats is not None:
+                self.stats.record(len(items), len(batch), time.perf_counter() - started, failed=True)
             if len(batch) == 1:
                 batch[0].finish(error=_as_service_error(exc))
                 return

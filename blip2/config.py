@@ -58,6 +58,7 @@ class Settings:
     static_cache: bool = False  # BLIP2_STATIC_CACHE=1: static KV cache (on CUDA transformers also compiles decode)
     fast_greedy: bool = True  # BLIP2_FAST_GREEDY=0: greedy requests use transformers' generate, not our loop
     cuda_graph_mb: int | None = None  # BLIP2_CUDA_GRAPH_MB: keys/values for CUDA-graph decode steps; None auto, 0 off
+    stats_interval_s: float = 60.0  # BLIP2_STATS_INTERVAL_S: a batching summary in the log this often; 0 = never
     images: ImageLimits = field(default_factory=ImageLimits)
     caps: ParamCaps = field(default_factory=ParamCaps)
 
@@ -103,6 +104,7 @@ class Settings:
             static_cache=r.flag("BLIP2_STATIC_CACHE", False),
             fast_greedy=r.flag("BLIP2_FAST_GREEDY", True),
             cuda_graph_mb=r.optional_integer("BLIP2_CUDA_GRAPH_MB", lo=0),
+            stats_interval_s=r.number("BLIP2_STATS_INTERVAL_S", cls.stats_interval_s, lo=0.0),
             images=images,
             caps=caps,
         )

@@ -93,6 +93,8 @@ class Engine:
         self.num_query_tokens = config.num_query_tokens
         self.pad_id = self.tokenizer.pad_token_id
         self._lock = threading.Lock()  # one batch on the device at a time
+        self.images_embedded = 0  # images run through the vision tower and Q-Former
+        self.rows_cached = 0  # rows whose image embedding came from the cache or an earlier row of the batch
 
     # -- text -----------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
@@ -141,6 +143,8 @@ class Engine:
                 found[key] = embed
                 if self.cache is not None:
                     self.cache.put(key, embed)
+        self.images_embedded += len(todo)
+        self.rows_cached += len(items) - len(todo)
         return torch.stack([found[item.key] for item in items])
 
     def _pixel_batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -232,7 +236,9 @@ class Engine:
         # with CUDA graphs, a default request's answer length: its keys/values buffers and graph are made now
         tokens = GenerationParams().max_new_tokens if self.greedy.graphs is not None else 2
         cache, self.cache = self.cache, None  # keep the dummy images out of the cache
+        counts = self.images_embedded, self.rows_cached  # and out of the counts
         try:
             self.generate(items, GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens))
         finally:
             self.cache = cache
+            self.images_embedded, self.rows_cached = counts

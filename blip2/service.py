@@ -28,6 +28,7 @@ from .images import decode_image, is_url, read_image_bytes
 from .params import GenerationParams
 from .payload import Row, ScoreRequest, parse_body, parse_request
 from .preprocess import Preprocessor
+from .stats import BatchStats
 
 log = logging.getLogger("blip2.service")
 
@@ -41,11 +42,13 @@ class Service:
         # big decodes at once, over every request thread and the pool (images.HEAVY_PIXELS)
         self._heavy = threading.BoundedSemaphore(settings.preprocess_threads)
         self._fetch_pool = ThreadPoolExecutor(max_workers=4 * settings.preprocess_threads, thread_name_prefix="blip2-fetch")
+        self._counted = (0, 0)  # the engine's embedding counts at the last stats line
         self.batcher = Batcher(
             engine.generate,
             max_batch_size=settings.max_batch_size,
             wait_s=settings.batch_wait_ms / 1000.0,
             max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            stats=BatchStats(settings.stats_interval_s, extra=self._embedding_counts),
         )
 
     @classmethod
@@ -58,6 +61,13 @@ class Service:
         self.batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _embedding_counts(self) -> str:
+        """Since the last call: images run through the vision tower, and rows that reused an embedding."""
+        now = (self.engine.images_embedded, self.engine.rows_cached)
+        embedded, cached = now[0] - self._counted[0], now[1] - self._counted[1]
+        self._counted = now
+        return f"{embedded} images embedded, {cached} rows reused an embedding (cache or same image)"
 
     # -- entry points ---------------------------------------------------------------------
     def score_body(self, raw: str | bytes) -> list[dict]:

@@ -165,3 +165,21 @@ def test_slow_url_fetches_end_at_the_deadline_and_do_not_hold_up_decoding(tiny_m
     assert outcome["error"].status == 504 and outcome["error"].code == "deadline_exceeded"
     assert 1.4 < outcome["took"] < 2.5  # 12 fetches of 1 s on 4 threads would take 3 s
     assert given and max(given) <= 1.5 and min(given) < 1.0  # later fetches got only what was left
+
+
+def test_the_stats_line_counts_batches_and_reused_embeddings(tiny_model_dir, caplog):
+    svc = Service.from_settings(Settings.from_env({
+        "BLIP2_MODEL": str(tiny_model_dir), "BLIP2_DTYPE": "float32", "BLIP2_STATS_INTERVAL_S": "0.001",
+    }))  # warm-up on: its dummy batch must not be counted
+    image = b64(picture(seed=50))
+    params = GenerationParams(max_new_tokens=2)
+    try:
+        with caplog.at_level("INFO", logger="blip2.stats"):
+            svc.score(ScoreRequest(tuple(Row(i, image, q) for i, q in enumerate(["a", "b", "c"])), params))
+            svc.score(ScoreRequest((Row(0, image, "d"), Row(1, b64(picture(seed=51)), "e")), params))
+    finally:
+        svc.close()
+    lines = [m for m in caplog.messages if m.startswith("last ")]
+    assert len(lines) == 2
+    assert "1 requests, 3 rows in 1 batches" in lines[0] and "1 images embedded, 2 rows reused" in lines[0]
+    assert "1 requests, 2 rows in 1 batches" in lines[1] and "1 images embedded, 1 rows reused" in lines[1]
