@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
+from .client import format_prompt
 from .config import ParamCaps
 from .errors import InvalidInput, PayloadTooLarge, ServiceError
 from .params import GenerationParams, parse_parameters
@@ -62,16 +63,26 @@ class BatchOptions:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, caps: ParamCaps = ParamCaps()) -> "BatchOptions":
-        """Read BLIP2_BATCH_QUESTION, BLIP2_BATCH_PARAMETERS (JSON) and BLIP2_BATCH_CHUNK.
+        """Read BLIP2_BATCH_QUESTION (see ``question_prompt``), BLIP2_BATCH_PARAMETERS (JSON) and BLIP2_BATCH_CHUNK.
 
         Raises ValueError naming the variable and what to set it to.
         """
         env = os.environ if env is None else env
         return cls(
-            question=env.get("BLIP2_BATCH_QUESTION", "").strip(),
+            question=question_prompt(env.get("BLIP2_BATCH_QUESTION", "")),
             params=parameters_from_json(env.get("BLIP2_BATCH_PARAMETERS", ""), caps, "BLIP2_BATCH_PARAMETERS"),
             chunk_size=chunk_size_from_text(env.get("BLIP2_BATCH_CHUNK", ""), "BLIP2_BATCH_CHUNK"),
         )
+
+
+def question_prompt(question: str) -> str:
+    """The prompt for a question asked of every image file: a plain question becomes BLIP-2's
+    ``Question: ... Answer:`` (as ``blip2 ask`` does); text that already ends in ``Answer:`` is a
+    prompt and is kept as it is; blank asks for a caption."""
+    text = question.strip()
+    if not text or text.lower().endswith("answer:"):
+        return text
+    return format_prompt(text)
 
 
 def parameters_from_json(text: str, caps: ParamCaps, source: str) -> GenerationParams:
@@ -150,7 +161,7 @@ def read_items(
     """The items of one input file, in file order (see the module docstring).
 
     CSV: the first column, when its header is empty (pandas' index), holds the row numbers
-    (whole numbers); without it rows are numbered 0, 1, ... ``image`` is required (public
+    (whole numbers); without it, or when it repeats a value, rows are numbered 0, 1, ... by position. ``image`` is required (public
     URL or base64, MIME line breaks allowed); ``text`` is optional (empty or absent: a
     caption); other columns are ignored. Cells are read as text, never as NaN.
     ``name`` labels the items (default: the file's base name). Items whose ``(name, row)``
@@ -306,6 +317,9 @@ def _read_csv(path: Path, name: str) -> tuple[list[int], list[str], list[str | N
             except ValueError:
                 raise bad(f"has {value[:20]!r} in its first, unnamed (index) column at data line {position + 1}; "
                           "that column must hold whole row numbers") from None
+        if len(set(numbers)) < len(numbers):  # pd.concat(...).to_csv() repeats index values: they name no row
+            log.warning("CSV %s repeats index values; its rows are numbered by position instead", name)
+            numbers = list(range(len(frame)))
     else:
         numbers = list(range(len(frame)))
     images = frame["image"].tolist()

@@ -1,6 +1,6 @@
 """``blip2-batch``: answer a folder of CSV files or images on this machine, resumably.
 
-    blip2-batch INPUT... --out OUT.csv|OUT.jsonl [--question Q] [--parameters JSON]
+    blip2-batch INPUT... --out OUT.csv|OUT.jsonl [--question Q [--raw-prompt]] [--parameters JSON]
                 [--model DIR|demo|HUB_ID] [--chunk N] [--quiet]
 
 INPUT: CSV files as the Azure batch samples write them, image files, or folders of either
@@ -8,13 +8,15 @@ INPUT: CSV files as the Azure batch samples write them, image files, or folders 
 the same ``Service`` (engine, batching, image checks) as the endpoints; see ``blip2.batch``.
 
 OUT gets one record per row, fields ``file, row, image, text, error``:
-``file`` is the input path as found, ``row`` the row number within it (CSV index value; 0 for
-an image file; -1 for a file that could not be read), ``image`` the URL, the image file's path
+``file`` is the input path as found, ``row`` the row number within it (CSV index value, or the
+row's position when the index repeats values; 0 for an image file; -1 for a file that could not be read), ``image`` the URL, the image file's path
 or ``<base64 N chars>``, ``text`` the answer, ``error`` ``ERROR[<code>]: <message>``. In CSV
 the missing one of text/error is empty; in JSONL it is null.
 
 Resuming: OUT is read first and every ``(file, row)`` already in it is skipped, so an
-interrupted run continues where it stopped when run again with the same inputs. Records are
+interrupted run continues where it stopped when run again with the same inputs (however their
+paths are spelled: files are compared by their real paths). Rows answered with an error count as
+done; delete their lines from OUT to try them again. Records are
 appended and flushed after each chunk: Ctrl-C loses at most the chunk in flight. Exit status:
 0 done (row errors are in OUT), 1 stopped by a failure of a whole chunk (deadline, model
 error; rerun to resume), 2 bad arguments or a model that cannot load, 130 interrupted (rerun
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .batch import DEFAULT_CHUNK, BatchResult, chunk_size_from_text, error_marker, file_kind, parameters_from_json
-from .batch import answer_items, read_items, row_numbers
+from .batch import answer_items, question_prompt, read_items, row_numbers
 from .errors import ServiceError
 
 FIELDS = ("file", "row", "image", "text", "error")
@@ -56,17 +58,29 @@ class Output:
         self._handle = None
 
     def done(self) -> set[tuple[str, int]]:
-        """Keys already in the file. A last line cut off by an interruption is removed first."""
+        """Keys already in the file. A last line cut off by an interruption is removed, but only
+        once the rest has been read as this command's output: any other file is left untouched."""
         if not self.path.exists():
             return set()
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
+        keep = data.rfind(b"\n") + 1 if data and not data.endswith(b"\n") else len(data)
+        try:
+            text = data[:keep].decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{self.path} exists but is not a blip2-batch output (not UTF-8 text); "
+                             "choose another --out or delete it") from None
+        keys = self._csv_keys(text) if self.kind == "csv" else self._jsonl_keys(text)  # raises for other files
+        if keep < len(data):
+            tail = data[keep:]
+            # the complete lines were read as ours (else raised above), or the file holds only the cut-off
+            # start of our header or first record
+            ours = bool(text.strip()) or (self.kind == "csv" and ",".join(FIELDS).encode().startswith(tail)) \
+                or (self.kind == "jsonl" and tail.startswith(b'{"file": '))
+            if not ours:
+                raise UsageError(f"{self.path} exists but is not a blip2-batch output; choose another --out or delete it")
             with open(self.path, "r+b") as handle:
                 handle.truncate(keep)
-            data = data[:keep]
-        text = data.decode("utf-8")
-        return self._csv_keys(text) if self.kind == "csv" else self._jsonl_keys(text)
+        return keys
 
     def _csv_keys(self, text: str) -> set[tuple[str, int]]:
         records = list(csv.reader(io.StringIO(text, newline="")))
@@ -163,7 +177,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Add the batch arguments to ``p`` (also used by ``blip2 batch``)."""
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="CSV files, image files, or folders of them")
     p.add_argument("--out", required=True, help="output file, .csv or .jsonl; an existing one is resumed")
-    p.add_argument("--question", default="", help="question asked of every image file (default: a caption)")
+    p.add_argument("--question", default="", help='question asked of every image file, sent as "Question: Q Answer:" '
+                   '(default: a caption); text ending in "Answer:" is sent as it is')
+    p.add_argument("--raw-prompt", action="store_true", help="send --question as it is, as the model's whole prompt")
     p.add_argument("--parameters", default="", help='generation parameters as JSON, e.g. \'{"max_new_tokens": 30}\'')
     p.add_argument("--model", help="demo, a local model folder, or a hub id (default: BLIP2_MODEL, else the hub model)")
     p.add_argument("--chunk", default=str(DEFAULT_CHUNK), help=f"rows per model call (default {DEFAULT_CHUNK})")
@@ -197,7 +213,11 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as err:
         print(f"blip2-batch: error: {err}", file=sys.stderr)
         return 2
-    pending = sum(1 for p in inputs for n in row_numbers(p) if (str(p), n) not in done)
+    # the same file may be named differently from the run that wrote OUT: compare real paths
+    answered_before = {(os.path.realpath(file), n) for file, n in done}
+    numbers = {p: row_numbers(p) for p in inputs}
+    skip = {(str(p), n) for p in inputs for n in numbers[p] if (os.path.realpath(p), n) in answered_before}
+    pending = sum(len(numbers[p]) for p in inputs) - len(skip)
     if pending == 0:
         print(f"blip2-batch: nothing to do, every row of the inputs is already in {out.path}", file=sys.stderr)
         return 0
@@ -208,9 +228,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"blip2-batch: error: could not load the model: {err}", file=sys.stderr)
         return 2
     items = chain.from_iterable(
-        read_items(p, question=args.question.strip(), name=str(p), skip=done, max_image_bytes=settings.images.max_bytes)
+        read_items(p, question=question, name=str(p), skip=skip, max_image_bytes=settings.images.max_bytes)
         for p in inputs
     )
+    question = args.question.strip() if args.raw_prompt else question_prompt(args.question)
     answered = failed = 0
     bar = _progress(pending, disable=args.quiet)
     try:

@@ -258,3 +258,79 @@ def test_blip2_batch_subcommand_is_the_same_command(data, counting, tmp_path):
     out = tmp_path / "answers.jsonl"
     assert cli.main(["batch", *_args(folder, out)]) == 0
     assert_complete(out, expected)
+
+
+@pytest.mark.parametrize("content", [b"name,score\nalice,1\nbob,2", b"just one line, no newline", b'{"a": 1}\n{"b": 2}'])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_an_existing_file_of_another_kind_is_refused_untouched(data, counting, tmp_path, capsys, content, suffix):
+    """An --out that is not this command's output (here without a final newline, as Excel writes)
+    is refused before anything is cut from it."""
+    folder, _ = data
+    out = tmp_path / f"mine{suffix}"
+    out.write_bytes(content)
+    assert main(_args(folder, out)) == 2
+    assert out.read_bytes() == content and counting.loads == 0
+    err = capsys.readouterr().err
+    assert "not a blip2-batch output" in err or "is not a blip2-batch record" in err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_an_output_cut_inside_its_first_line_is_resumed(data, counting, tmp_path, suffix):
+    folder, expected = data
+    out = tmp_path / f"answers{suffix}"
+    assert main(_args(folder, out)) == 0
+    first = out.read_bytes().splitlines(keepends=True)[0]
+    out.write_bytes(first[: len(first) // 2])  # killed while the first chunk was being written
+    assert main(_args(folder, out)) == 0
+    assert_complete(out, expected)
+
+
+def test_the_same_inputs_spelled_another_way_are_not_answered_again(data, counting, tmp_path, monkeypatch):
+    folder, expected = data
+    out = tmp_path / "answers.csv"
+    monkeypatch.chdir(folder.parent)
+    assert main(_args(Path(folder.name), out)) == 0  # relative: "in"
+    sent = len(counting.sent)
+    assert main(_args(folder.resolve(), out)) == 0  # absolute, same files
+    assert len(counting.sent) == sent and len(read_output(out)) == len(expected)
+
+
+def test_a_csv_whose_index_repeats_is_numbered_by_position_and_resumes(counting, tmp_path, monkeypatch):
+    """pd.concat([a, b]).to_csv() repeats index values (0, 1, 0, 1): they cannot name rows, so
+    the rows are numbered by position, and an interrupted run resumes without losing any."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = [b64(picture(seed=60 + i)) for i in range(4)]
+    part = lambda i: pd.DataFrame({"image": images[i : i + 2], "text": ["q", "r"]})  # noqa: E731
+    pd.concat([part(0), part(2)]).to_csv(folder / "dup.csv")
+    out = tmp_path / "answers.jsonl"
+    real = batch_cli.answer_items
+
+    def one_chunk_then_ctrl_c(*args, **kwargs):
+        for i, results in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield results
+
+    monkeypatch.setattr(batch_cli, "answer_items", one_chunk_then_ctrl_c)
+    args = [str(folder), "--out", str(out), "--chunk", "2", "--quiet", "--parameters", PARAMS]
+    assert main(args) == 130
+    monkeypatch.setattr(batch_cli, "answer_items", real)
+    assert main(args) == 0
+    records = read_output(out)
+    assert sorted(r["row"] for r in records) == [0, 1, 2, 3] and all(r["error"] is None for r in records)
+
+
+@pytest.mark.parametrize("extra, prompt", [
+    (["--question", "what color is it?"], "Question: what color is it? Answer:"),  # as `blip2 ask` sends it
+    (["--question", " Question: what color is it?  Answer: "], "Question: what color is it?  Answer:"),  # a prompt
+    (["--question", "Describe:", "--raw-prompt"], "Describe:"),
+    ([], ""),  # a caption
+])
+def test_the_question_asked_of_image_files_is_a_vqa_prompt(counting, tmp_path, extra, prompt):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "red.png").write_bytes(picture(seed=70))
+    args = [str(folder), "--out", str(tmp_path / "out.csv"), "--quiet", "--parameters", PARAMS, *extra]
+    assert main(args) == 0
+    assert [row.prompt for row in counting.sent] == [prompt]

@@ -366,3 +366,9 @@ def test_shellcheck_passes():
     done = subprocess.run([shellcheck, "--severity=style", str(BATCH / "deploy-batch.sh")], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_batch_question_is_sent_as_a_vqa_prompt():
+    assert BatchOptions.from_env({"BLIP2_BATCH_QUESTION": " what is it? "}).question == "Question: what is it? Answer:"
+    assert BatchOptions.from_env({"BLIP2_BATCH_QUESTION": QUESTION}).question == QUESTION
+    assert BatchOptions.from_env({"BLIP2_BATCH_QUESTION": "  "}).question == ""
