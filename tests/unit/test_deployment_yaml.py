@@ -115,6 +115,7 @@ def test_code_upload_leaves_out_the_venv():
         pytest.skip("this azure-ai-ml has no get_ignore_file (private API moved)")
     ignore = assets.get_ignore_file(REPO)
     assert ignore.is_file_excluded((REPO / ".venv" / "bin" / "python").as_posix())
+    assert ignore.is_file_excluded((REPO / ".venv-compat" / "bin" / "python").as_posix())
     assert not ignore.is_file_excluded((REPO / "score.py").as_posix())
     assert not ignore.is_file_excluded((REPO / "blip2" / "config.py").as_posix())
 
@@ -248,3 +249,13 @@ def test_shellcheck_passes():
     done = subprocess.run([shellcheck, "--severity=style", *map(str, SCRIPTS)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_amlignore_repeats_every_gitignore_entry():
+    """.amlignore replaces .gitignore for Azure's code upload: an entry missing there uploads it
+    (a 1.3 GB .venv-compat/ once)."""
+    def entries(name):
+        lines = (REPO / name).read_text().splitlines()
+        return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+
+    assert entries(".gitignore") <= entries(".amlignore")
