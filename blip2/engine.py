@@ -90,6 +90,8 @@ class Engine:
         config = model.config
         self.image_token_id = config.image_token_index
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # image tokens + prompt + answer must fit the language model's position table
+        self.max_positions = getattr(config.text_config, "max_position_embeddings", None)
         self.num_query_tokens = config.num_query_tokens
         self.pad_id = self.tokenizer.pad_token_id
         self._lock = threading.Lock()  # one batch on the device at a time

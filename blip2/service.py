@@ -98,7 +98,7 @@ class Service:
             fetching = any(is_url(row.image) for row in rows)
             if fetching:  # a URL fetch can take seconds: the batcher must not hold a batch for it
                 announced.withdraw()
-            read = self._read_rows(rows, deadline)
+            read = self._fit_positions(self._read_rows(rows, deadline), params)
             if fetching:  # the bytes are here; decoding is quick
                 announced = stack.enter_context(self.batcher.announce())
             prepared = self._decode_rows(read, deadline)
@@ -132,6 +132,24 @@ class Service:
             for f in futures:
                 f.cancel()
             raise deadline_error() from None
+
+    def _fit_positions(self, read: list["_Read | ServiceError"], params: GenerationParams) -> list["_Read | ServiceError"]:
+        """Rows whose image tokens, prompt and longest answer would not fit the model's positions -> 413."""
+        limit, image = self.engine.max_positions, self.engine.num_query_tokens
+        if limit is None:
+            return read
+        out: list[_Read | ServiceError] = []
+        for r in read:
+            if isinstance(r, _Read) and image + len(r.prompt_ids) + params.max_new_tokens > limit:
+                room = limit - image - params.max_new_tokens
+                r = PayloadTooLarge(
+                    f"Row {r.row.index}: the prompt is {len(r.prompt_ids)} tokens; with max_new_tokens="
+                    f"{params.max_new_tokens} and the image's {image} tokens it needs more than the model's "
+                    f"{limit} positions. Shorten the prompt to at most {max(room, 0)} tokens or lower max_new_tokens.",
+                    code="prompt_too_long", row=r.row.index,
+                )
+            out.append(r)
+        return out
 
     def _prepare_rows(self, rows) -> list[GenItem | ServiceError]:
         """Rows -> model-ready items or per-row errors. Each distinct image is decoded once per request."""

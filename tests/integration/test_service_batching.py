@@ -183,3 +183,20 @@ def test_the_stats_line_counts_batches_and_reused_embeddings(tiny_model_dir, cap
     assert len(lines) == 2
     assert "1 requests, 3 rows in 1 batches" in lines[0] and "1 images embedded, 2 rows reused" in lines[0]
     assert "1 requests, 2 rows in 1 batches" in lines[1] and "1 images embedded, 1 rows reused" in lines[1]
+
+
+def test_a_prompt_and_answer_over_the_models_positions_is_a_413_not_a_crash(service):
+    """Image tokens + prompt + max_new_tokens past the language model's position table would index
+    out of range (on CUDA a device-side assert that breaks every later batch): refused per row."""
+    limit = service.engine.max_positions
+    long_prompt = "a " * 240
+    n_prompt = len(service.engine.tokenize([long_prompt.strip()])[0])
+    params = GenerationParams(max_new_tokens=256, min_new_tokens=256)
+    assert service.engine.num_query_tokens + n_prompt + 256 > limit >= service.engine.num_query_tokens + 2 + 256
+    rows = (Row(0, b64(picture(seed=80)), "hi"), Row(1, b64(picture(seed=81)), long_prompt.strip()))
+    results = service.score_rows(rows, params)
+    assert isinstance(results[0], str)
+    error = results[1]
+    assert isinstance(error, service_module.ServiceError) and error.status == 413 and error.code == "prompt_too_long"
+    assert error.row == 1 and f"{limit} positions" in error.message
+    assert isinstance(service.score_rows(rows, GenerationParams(max_new_tokens=8))[1], str)  # fits with a shorter answer
