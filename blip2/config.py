@@ -9,6 +9,7 @@ set it to.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -69,7 +70,7 @@ class Settings:
         r = _Reader(env)
         dtype = r.choice("BLIP2_DTYPE", DTYPES)
         device = r.text("BLIP2_DEVICE")
-        if device is not None and not (device == "cpu" or device.startswith("cuda")):
+        if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
             raise ValueError(f"BLIP2_DEVICE is {device!r}; set it to 'cpu', 'cuda' or 'cuda:N', or unset it.")
         images = ImageLimits(
             max_bytes=r.mib("BLIP2_MAX_IMAGE_MB", ImageLimits.max_bytes),
@@ -158,6 +159,8 @@ class _Reader:
         if value is None:
             return default_bytes
         mb = self.number(name, 0.0, lo=0.001)
+        if mb > 1024 * 1024:  # a terabyte: a typo, and past it int() of the bytes may overflow
+            raise ValueError(f"{name} is {self.text(name)!r}; set it to a number of megabytes up to {1024 * 1024}.")
         return int(mb * 1024 * 1024)
 
     def flag(self, name: str, default: bool) -> bool:

@@ -127,6 +127,9 @@ def pick_device_and_dtype(settings: Settings):
         device = torch.device(settings.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("BLIP2_DEVICE asks for CUDA but no CUDA device is visible; unset BLIP2_DEVICE or set it to cpu.")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"BLIP2_DEVICE is {settings.device}, but only {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible (numbered from 0); set it to one of them, or to cuda.")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = settings.dtype or default_dtype_name(device.type)
@@ -143,11 +146,17 @@ def load(settings: Settings) -> LoadedModel:
     started = time.perf_counter()
     if source.is_demo:
         log.warning("Serving the DEMO model: a tiny toy trained on coloured shapes, for offline use and tests. It is not BLIP-2.")
+    local = Path(source.location).is_dir()
     try:
         processor = AutoProcessor.from_pretrained(source.location)
         model = Blip2ForConditionalGeneration.from_pretrained(source.location, dtype=dtype)
     except OSError as exc:
-        raise ModelNotFound(_not_found_message(settings, source)) from exc
+        raise ModelNotFound(_not_found_message(settings, source, exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file (a cut-off shard, broken JSON): say which folder
+        if not local:
+            raise
+        raise ModelNotFound(_not_found_message(settings, source, exc)) from exc
+    check_processor(model.config, processor, source.location)
     processor.tokenizer.padding_side = "left"
     model.to(device).eval()
     torch.set_grad_enabled(False)
@@ -160,7 +169,35 @@ def load(settings: Settings) -> LoadedModel:
     return LoadedModel(model=model, processor=processor, device=device, dtype=dtype, source=source)
 
 
-def _not_found_message(settings: Settings, source: ModelSource) -> str:
+def check_processor(config, processor, location: str) -> None:
+    """The tokenizer must be the model's: transformers builds a near-empty one, without error,
+    from a folder whose tokenizer files are missing, and the failure would come much later."""
+    image_id = getattr(config, "image_token_index", None)
+    if image_id is None:
+        raise ModelNotFound(
+            f"The model in {location} has no image_token_index in its config.json: it is an older revision of "
+            "the checkpoint, which transformers 5 cannot run. Download the current revision of "
+            "Salesforce/blip2-opt-2.7b (or register it again)."
+        )
+    tokenizer = processor.tokenizer
+    image_token = getattr(processor, "image_token", "<image>")
+    image_token = str(getattr(image_token, "content", image_token))  # an AddedToken in some versions
+    if tokenizer.pad_token_id is None or len(tokenizer) <= image_id or tokenizer.convert_tokens_to_ids(image_token) != image_id:
+        raise ModelNotFound(
+            f"The tokenizer in {location} does not belong to the model (it has {len(tokenizer)} tokens, and "
+            f"{image_token!r} is not token {image_id}): its tokenizer files (tokenizer.json, or vocab.json and "
+            "merges.txt, with tokenizer_config.json and special_tokens_map.json) are missing or from another "
+            "model. Copy them from the model's hub files into that folder."
+        )
+
+
+def _not_found_message(settings: Settings, source: ModelSource, cause: BaseException | None = None) -> str:
+    why = f" ({type(cause).__name__}: {' '.join(str(cause).split())[:300]})" if cause is not None else ""
+    if Path(source.location).is_dir():  # a folder that is there but will not load: incomplete or damaged
+        return (
+            f"Could not load BLIP-2 from {source.location} ({source.origin}){why}. The folder is incomplete or a "
+            "file in it is damaged (an interrupted download or upload?); download or register the model again."
+        )
     tried = []
     if settings.model:
         tried.append(f"BLIP2_MODEL={settings.model}")
@@ -171,7 +208,7 @@ def _not_found_message(settings: Settings, source: ModelSource) -> str:
     tried.append(f"{source.location} ({source.origin})")
     offline = " (offline?)" if os.environ.get("HF_HUB_OFFLINE") else ""
     return (
-        f"Could not load BLIP-2 weights{offline}: tried {', then '.join(tried)}; download the model once "
+        f"Could not load BLIP-2 weights{offline}{why}: tried {', then '.join(tried)}; download the model once "
         "(e.g. `huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir ./blip2-opt-2.7b`) and set "
         "BLIP2_MODEL to that folder, or set BLIP2_MODEL=demo for the offline toy model."
     )

@@ -55,7 +55,8 @@ def check_model_folder(folder: Path) -> dict:
 
     Requires ``config.json`` with ``"model_type": "blip-2"``, at least one ``.safetensors``
     file and the image processor settings (``preprocessor_config.json`` as on the hub, or the
-    ``processor_config.json`` transformers 5 writes). Raises ``FolderError`` saying what is missing.
+    ``processor_config.json`` transformers 5 writes) and the tokenizer's files. Raises ``FolderError``
+    saying what is missing.
     """
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -70,6 +71,8 @@ def check_model_folder(folder: Path) -> dict:
         raise FolderError(f"{folder} has no .safetensors weights")
     if not any((folder / name).is_file() for name in PROCESSOR_FILES):
         raise FolderError(f"{folder} has neither {' nor '.join(PROCESSOR_FILES)} (the image processor settings)")
+    if not ((folder / "tokenizer.json").is_file() or all((folder / n).is_file() for n in ("vocab.json", "merges.txt"))):
+        raise FolderError(f"{folder} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
     return config
 
 

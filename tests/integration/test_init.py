@@ -89,3 +89,64 @@ def test_fp16_keeps_the_qformer_in_fp32_and_answers(tiny_model_dir):
         assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     finally:
         service.close()
+
+
+def _damaged(tiny_model_dir, tmp_path, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    damage(folder)
+    from blip2 import model
+
+    with pytest.raises(ModelNotFound) as info:
+        model.load(Settings.from_env({"BLIP2_MODEL": str(folder), "BLIP2_DTYPE": "float32"}))
+    message = str(info.value)
+    assert str(folder) in message and "\n" not in message
+    return message
+
+
+def test_a_folder_without_its_tokenizer_files_fails_at_load_saying_so(tiny_model_dir, tmp_path):
+    """transformers builds a near-empty tokenizer, without error, when the files are gone."""
+    def drop(folder):
+        for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+            (folder / name).unlink()
+
+    message = _damaged(tiny_model_dir, tmp_path, drop)
+    assert "tokenizer" in message and "missing" in message
+
+
+def test_a_cut_off_weights_shard_names_the_folder_and_the_cause(tiny_model_dir, tmp_path):
+    def cut(folder):
+        shard = folder / "model-00002-of-00004.safetensors"
+        shard.write_bytes(shard.read_bytes()[:5])
+
+    message = _damaged(tiny_model_dir, tmp_path, cut)
+    assert "incomplete or a file in it is damaged" in message and "(" in message
+
+
+def test_a_missing_shard_is_reported_as_an_incomplete_folder(tiny_model_dir, tmp_path):
+    message = _damaged(tiny_model_dir, tmp_path, lambda folder: (folder / "model-00003-of-00004.safetensors").unlink())
+    assert "incomplete" in message and "huggingface-cli" not in message
+
+
+def test_a_config_without_image_token_index_asks_for_a_current_revision(tiny_model_dir, tmp_path):
+    import json
+
+    def old(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("image_token_index", None)
+        config.pop("image_token_id", None)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    message = _damaged(tiny_model_dir, tmp_path, old)
+    assert "image_token_index" in message and "revision" in message
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cudaX", "cuda:-1", "gpu"])
+def test_a_malformed_device_names_the_variable(device):
+    with pytest.raises(ValueError, match="BLIP2_DEVICE"):
+        Settings.from_env({"BLIP2_DEVICE": device})
+
+
+def test_an_absurd_size_in_megabytes_names_the_variable():
+    with pytest.raises(ValueError, match="BLIP2_MAX_BODY_MB"):
+        Settings.from_env({"BLIP2_MAX_BODY_MB": "1e308"})

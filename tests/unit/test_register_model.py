@@ -36,6 +36,7 @@ def fake_checkpoint(folder: Path, model_type: str = "blip-2") -> Path:
     (folder / "preprocessor_config.json").write_text("{}")
     (folder / "tokenizer_config.json").write_text('{"padding_side": "left"}')
     (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "vocab.json").write_text("{}")
     return folder
 
 
@@ -68,6 +69,12 @@ def test_check_model_folder(rm, tmp_path):
     (nowt / "model-00001-of-00001.safetensors").unlink()
     with pytest.raises(rm.FolderError, match="no .safetensors"):
         rm.check_model_folder(nowt)
+    notok = fake_checkpoint(tmp_path / "notokenizer")
+    (notok / "vocab.json").unlink()  # transformers would build a near-empty tokenizer without it
+    with pytest.raises(rm.FolderError, match="no tokenizer files"):
+        rm.check_model_folder(notok)
+    (notok / "tokenizer.json").write_text("{}")
+    rm.check_model_folder(notok)
 
 
 def test_copy_side_files_skips_weights_and_existing(rm, tmp_path):
@@ -76,7 +83,7 @@ def test_copy_side_files_skips_weights_and_existing(rm, tmp_path):
     dst.mkdir()
     (dst / "config.json").write_text('{"model_type": "blip-2", "dtype": "float16"}')
     copied = rm.copy_side_files(src, dst)
-    assert copied == ["merges.txt", "preprocessor_config.json", "tokenizer_config.json"]
+    assert copied == ["merges.txt", "preprocessor_config.json", "tokenizer_config.json", "vocab.json"]
     assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"  # not overwritten
 
 
