@@ -209,10 +209,13 @@ class Blip2Client:
             result = resp.json()
         except ValueError:
             result = None
-        rows = len(payload["input_data"]["data"])
-        if (not isinstance(result, list) or len(result) != rows
+        data = payload.get("input_data") if isinstance(payload, dict) else None
+        data = data.get("data") if isinstance(data, dict) else data  # "split" form, or a list of records
+        rows = len(data) if isinstance(data, list) else None
+        if (not isinstance(result, list) or rows is None or len(result) != rows
                 or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in result)):
-            raise EndpointError(200, "bad_response", f"expected a list of {rows} {{\"text\": ...}} objects")
+            expected = f"{rows} " if rows is not None else ""
+            raise EndpointError(200, "bad_response", f"expected a list of {expected}{{\"text\": ...}} objects")
         return result
 
     def ask(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str],

@@ -374,3 +374,14 @@ def test_client_and_cli_import_neither_torch_nor_transformers():
     usage = subprocess.run([sys.executable, "-m", "blip2", "--help"], capture_output=True, text=True,
                            cwd=REPO, env=env, timeout=60)
     assert usage.returncode == 0 and "ask" in usage.stdout and "chat" in usage.stdout
+
+
+def test_score_takes_the_records_form_of_input_data(endpoint):
+    """``input_data`` as a list of records is part of the contract: score() checks its answers too."""
+    records = [{"image": "https://e.x/a.jpg", "text": "q"}, {"image": "https://e.x/b.jpg", "text": "r"}]
+    endpoint.reply = lambda b, i: (200, {}, json.dumps([{"text": "one"}, {"text": "two"}]).encode())
+    client = Blip2Client(endpoint.url)
+    assert client.score({"input_data": records}) == [{"text": "one"}, {"text": "two"}]
+    endpoint.reply = lambda b, i: (200, {}, json.dumps([{"text": "one"}]).encode())
+    with pytest.raises(EndpointError, match="bad_response"):
+        client.score({"input_data": records})
