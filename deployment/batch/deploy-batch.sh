@@ -142,11 +142,15 @@ else
     echo "Batch scoring job: $job" >&2
 fi
 
-run az ml job stream --name "$job" "${scope[@]}"
+# az ml job stream exits non-zero when the job fails: the status below says so, and --cleanup still runs
+run az ml job stream --name "$job" "${scope[@]}" || echo "deploy-batch.sh: the job's log stream ended with an error" >&2
 if ! ((dry_run)); then
     status="$(run az ml job show --name "$job" --query status --output tsv "${scope[@]}")"
     if [[ "$status" != "Completed" ]]; then
         echo "deploy-batch.sh: job $job ended with status '$status'; see 'az ml job show --name $job --web'" >&2
+        if ((cleanup)); then
+            run az ml batch-endpoint delete --name "$endpoint" --yes "${scope[@]}"
+        fi
         exit 1
     fi
 else
