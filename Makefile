@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 5001
 THREADS ?= 16
-# The CPU build of torch that this project installs by default; set TORCH_SPEC= to keep yours.
+# The torch this project installs first; set TORCH_SPEC= to keep yours. Which build it is depends on
+# where pip finds it: the CI machines' wheel store has the CPU build, while PyPI's Linux wheel of this
+# version carries CUDA. TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build from there.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 # The oldest transformers the engine supports (the GPU machine's), for `make test-compat`.
 COMPAT_VENV ?= .venv-compat
@@ -16,7 +19,7 @@ COMPAT_TRANSFORMERS ?= transformers==5.17.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); fi
 	$(PY) -m pip install -q -e ".[serve,test]"
 	touch $@
 

@@ -197,8 +197,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(_parser().parse_args(argv))
 
 
+def _missing_engine() -> list[str]:
+    """The engine's modules this install lacks (``pip install .`` alone installs only the client)."""
+    import importlib.util
+
+    return [name for name in ("torch", "transformers", "pandas", "PIL") if importlib.util.find_spec(name) is None]
+
+
 def run(args: argparse.Namespace) -> int:
     """Answer the inputs named by parsed ``args``; returns the exit status."""
+    missing = _missing_engine()
+    if missing:
+        print(f"blip2-batch: error: this command runs the model here, and this install lacks {', '.join(missing)}; "
+              "install torch, then `pip install '.[engine]'` (or `make install`)", file=sys.stderr)
+        return 2
     try:
         env = dict(os.environ)
         if args.model:

@@ -334,3 +334,15 @@ def test_the_question_asked_of_image_files_is_a_vqa_prompt(counting, tmp_path, e
     args = [str(folder), "--out", str(tmp_path / "out.csv"), "--quiet", "--parameters", PARAMS, *extra]
     assert main(args) == 0
     assert [row.prompt for row in counting.sent] == [prompt]
+
+
+def test_a_light_install_gets_one_line_saying_what_to_install(tmp_path, capsys, monkeypatch):
+    """``pip install .`` alone has the client but not the engine: say so instead of a traceback."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    (tmp_path / "a.png").write_bytes(picture(seed=90))
+    assert main([str(tmp_path / "a.png"), "--out", str(tmp_path / "out.csv"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "lacks torch" in err and "[engine]" in err and "Traceback" not in err
