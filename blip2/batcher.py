@@ -244,20 +244,28 @@ class Batcher:
             self._company_at = now
         return self.wait_s if now - self._company_at <= self.company_horizon_s else 0.0
 
+    def _count(self, rows: int, requests: int, seconds: float, failed: bool = False) -> None:
+        """Tell the stats; a fault there must never touch the batch or the batcher thread."""
+        if self.stats is None:
+            return
+        try:
+            self.stats.record(rows, requests, seconds, failed)
+        except Exception:  # noqa: BLE001
+            log.exception("Batch statistics failed")
+
     def _run(self, batch: list[Job]) -> None:
         items = [item for job in batch for item in job.items]
         started = time.perf_counter()
         try:
             answers = self.run_batch(items, batch[0].params)
             self.batches_run += 1
-            if self.stats is not None:
-                self.stats.record(len(items), len(batch), time.perf_counter() - started)
+            self._count(len(items), len(batch), time.perf_counter() - started)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("Batch of %d rows from %d requests took %.1f ms (queue %d)", len(items), len(batch),
                           1000 * (time.perf_counter() - started), self._queue.qsize())
         except BaseException as exc:  # noqa: BLE001 - isolate: retry each request on its own
-            if self.stats is not None:
-                self.stats.record(len(items), len(batch), time.perf_counter() - started, failed=True)
+            # the failed try counts as a batch; its requests and rows are counted where they are answered
+            self._count(0, 0, time.perf_counter() - started, failed=True)
             if len(batch) == 1:
                 batch[0].finish(error=_as_service_error(exc))
                 return

@@ -152,6 +152,8 @@ def load(settings: Settings) -> LoadedModel:
         model = Blip2ForConditionalGeneration.from_pretrained(source.location, dtype=dtype)
     except OSError as exc:
         raise ModelNotFound(_not_found_message(settings, source, exc)) from exc
+    except (MemoryError, ImportError):  # not the folder's fault: as they are
+        raise
     except Exception as exc:  # noqa: BLE001 - a damaged file (a cut-off shard, broken JSON): say which folder
         if not local:
             raise

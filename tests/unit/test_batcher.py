@@ -350,3 +350,27 @@ def test_requests_racing_close_are_answered_or_refused_never_left_waiting():
     with pytest.raises(Exception) as refused:  # after close: refused at once
         b.submit(["late"], "p", time.monotonic() + 3)
     assert refused.value.code == "shutting_down"
+
+
+def test_statistics_count_each_request_once_and_never_break_the_batcher():
+    from blip2.stats import BatchStats
+
+    def run(items, params):
+        if len(items) > 1:
+            raise RuntimeError("breaks the batch")
+        return echo(items, params)
+
+    stats = BatchStats(0)
+    b = Batcher(run, max_batch_size=16, wait_s=0, stats=stats)
+    jobs = [Job([name], "p", time.monotonic() + 10) for name in ("a", "b", "c")]
+    b._run(jobs)
+    assert [j.result for j in jobs] == [["p:a"], ["p:b"], ["p:c"]]
+    assert (stats.batches, stats.failed, stats.requests, stats.rows) == (4, 1, 3, 3)
+
+    def broken(*args, **kwargs):
+        raise ValueError("statistics bug")
+
+    stats.record = broken  # a fault in the statistics must not fail answered requests or the thread
+    assert b.submit(["d"], "p", time.monotonic() + 5) == ["p:d"]
+    assert b.submit(["e"], "p", time.monotonic() + 5) == ["p:e"]
+    b.close()
